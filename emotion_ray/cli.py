@@ -1,0 +1,198 @@
+"""`emotion-ray <stage>`: each subcommand validates its config, then calls one entry point.
+
+Flags are shortcuts for config keys; `--config FILE.yaml` and `--set key=value` reach every
+key. Precedence: defaults < YAML < --set < flags. Exit codes: 0 ok, 2 bad config or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Callable
+
+from emotion_ray import runtime  # noqa: F401 - sets TF_USE_LEGACY_KERAS before anything imports TensorFlow
+from emotion_ray.config import (
+    ConfigError,
+    PrepareConfig,
+    ScoreConfig,
+    TrainConfig,
+    load_config,
+    parse_override,
+)
+
+# (flag, config key, argparse kwargs); the key is where the value lands in the stage's config.
+Flag = tuple[str, str, dict[str, Any]]
+
+PREPARE_FLAGS: list[Flag] = [
+    ("--input", "inputs", {"nargs": "+", "help": "image roots: <root>/<label>/**/<file>, local or s3://"}),
+    ("--output", "output", {"help": "dataset folder or s3:// prefix"}),
+    ("--classes", "classes", {"type": lambda s: s.split(","), "help": "comma-separated classes to keep, in order"}),
+    ("--image-size", "image_size", {"type": int}),
+    ("--overwrite", "overwrite", {"action": "store_const", "const": True}),
+    ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+]
+TRAIN_FLAGS: list[Flag] = [
+    ("--data", "data", {"help": "prepared dataset, or an image folder to prepare on the fly"}),
+    ("--output", "output", {"help": "folder or s3:// prefix for run directories"}),
+    ("--run-name", "run_name", {}),
+    ("--resume", "resume", {"action": "store_const", "const": True, "help": "continue --run-name from its checkpoint"}),
+    ("--workers", "workers", {"type": int}),
+    ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
+    ("--epochs", "epochs", {"type": int}),
+    ("--batch-size", "batch_size", {"type": int, "help": "global batch size"}),
+    ("--learning-rate", "learning_rate", {"type": float}),
+    ("--image-size", "image_size", {"type": int, "help": "only when --data is an image folder"}),
+    ("--architecture", "model.architecture", {}),
+    ("--max-failures", "max_failures", {"type": int}),
+    ("--tracking-uri", "mlflow.tracking_uri", {}),
+    ("--no-mlflow", "mlflow.enabled", {"action": "store_const", "const": False}),
+    ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+]
+SCORE_FLAGS: list[Flag] = [
+    ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
+    ("--input", "inputs", {"nargs": "+", "help": "folders, s3:// prefixes, or .txt files of paths"}),
+    ("--output", "output", {"help": "Parquet folder or s3:// prefix"}),
+    ("--batch-size", "batch_size", {"type": int}),
+    ("--num-predictors", "num_predictors", {"type": int}),
+    ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
+    ("--tracking-uri", "mlflow_tracking_uri", {}),
+    ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+]
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
+    parser.add_argument("--config", help="YAML file with any of this stage's config keys")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    for flag, key, kwargs in flags:
+        parser.add_argument(flag, dest=key, default=None, **kwargs)
+
+
+def _config_from_args(model, args: argparse.Namespace, flags: list[Flag]):
+    overrides = dict(parse_override(item) for item in args.set)
+    overrides.update({key: getattr(args, key) for _, key, _ in flags if getattr(args, key) is not None})
+    return load_config(model, args.config, overrides)
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from emotion_ray.demo import make_demo_dataset
+
+    counts = make_demo_dataset(args.out, per_class=args.per_class, seed=args.seed, canvas=args.canvas)
+    print(f"wrote {sum(counts.values())} demo images to {args.out}: {counts}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(PrepareConfig, args, PREPARE_FLAGS)
+    from emotion_ray.data import prepare
+
+    manifest = prepare(cfg)
+    print(format_prepare_summary(cfg.output, manifest))
+    return 0
+
+
+def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
+    lines = [f"prepared dataset: {output}", f"  files found {m['files_found']}: rows {m['rows']}, "
+             f"rejects {m['rejects']['count']}, ignored {m['ignored']['count']}"]
+    for split, per_class in m["counts"].items():
+        lines.append(f"  {split:5s} {sum(per_class.values()):6d}  " + "  ".join(f"{c}={n}" for c, n in per_class.items()))
+    if m["duplicates"]["duplicate_rows"]:
+        lines.append(f"  exact duplicates: {m['duplicates']['duplicate_rows']} rows in {m['duplicates']['groups']} groups")
+    for kind in ("rejects", "ignored"):
+        if m[kind]["by_reason"]:
+            lines.append(f"  {kind} by reason: {m[kind]['by_reason']}")
+    return "\n".join(lines)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    from emotion_ray.train import run_training
+
+    result = run_training(cfg)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(ScoreConfig, args, SCORE_FLAGS)
+    from emotion_ray.score import score
+
+    summary = score(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from emotion_ray.score import predict
+
+    results = predict(args.model, args.images, tracking_uri=args.tracking_uri)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            if r["error"]:
+                print(f"{r['path']}: ERROR {r['error']}")
+            else:
+                probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
+                print(f"{r['path']}: {r['label']} ({r['confidence']:.3f})  {probs}")
+    return 0 if all(r["error"] is None for r in results) else 1
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from emotion_ray.tune import run_tuning
+
+    overrides = dict(parse_override(item) for item in args.set)
+    summary = run_tuning(args.config, overrides)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotion-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="draw deterministic synthetic faces (angry/happy/sad)")
+    p.add_argument("out")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--canvas", type=int, default=256, help="pixel size of the drawn images")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("prepare", help="images -> leak-free sharded Parquet dataset")
+    _add_flags(p, PREPARE_FLAGS)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train with TensorflowTrainer + MultiWorkerMirroredStrategy")
+    _add_flags(p, TRAIN_FLAGS)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("tune", help="hyperparameter search from tune_configs/*.yaml")
+    p.add_argument("--config", required=True, help="e.g. tune_configs/smoke.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key of the YAML")
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("score", help="batch inference over folders/prefixes -> Parquet")
+    _add_flags(p, SCORE_FLAGS)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("predict", help="predict a few images (same code path as score)")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", required=True, help="run dir, .keras file, or models:/name/version")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"emotion-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

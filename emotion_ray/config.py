@@ -1,0 +1,215 @@
+"""Typed configuration for every stage, validated before any cluster work starts.
+
+Each stage has one config model. Values come from (lowest to highest precedence) the
+defaults here, an optional YAML file (`--config`), and command-line overrides. Unknown
+keys are errors, so a typo never silently falls back to a default. Defaults run on a laptop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_CLASSES = ["angry", "happy", "sad"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def default_tracking_uri() -> str:
+    # MLflow 3 rejects the old ./mlruns file store; an absolute sqlite path also survives
+    # Tune changing the working directory of each trial.
+    return "sqlite:///" + str(Path(os.environ.get("EMOTION_RAY_HOME", Path.cwd())).resolve() / "mlflow.db")
+
+
+class StorageConfig(StrictModel):
+    """Where `s3://` paths live. Credentials come from the usual AWS chain, never from here."""
+
+    s3_endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, moto, ...); unset means AWS itself.",
+    )
+
+
+class PrepareConfig(StrictModel):
+    inputs: list[str] = Field(min_length=1, description="Roots laid out as <root>/<label>/**/<image>.")
+    output: str = Field(description="Folder or s3:// prefix for the prepared dataset.")
+    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
+    image_size: int = Field(256, ge=8, le=2048)
+    splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
+    max_pixels: int = Field(50_000_000, gt=0, description="Images with more pixels are rejected.")
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
+    overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, value: list[str]) -> list[str]:
+        if len(value) < 2:
+            raise ValueError("need at least two classes")
+        if len(set(value)) != len(value):
+            raise ValueError(f"classes must be unique, got {value}")
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _splits_sum_to_one(cls, value: dict[str, float]) -> dict[str, float]:
+        if set(value) != {"train", "val", "test"}:
+            raise ValueError(f"splits must name exactly train, val and test, got {sorted(value)}")
+        if any(v < 0 for v in value.values()) or abs(sum(value.values()) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {value}")
+        if value["train"] <= 0:
+            raise ValueError("the train split cannot be empty")
+        return value
+
+    @property
+    def classes_given(self) -> bool:
+        """True when the user listed the classes: then other class folders are skipped, not errors."""
+        return "classes" in self.model_fields_set
+
+
+class AugmentationConfig(StrictModel):
+    """Random layers active only while training (Keras skips them at inference)."""
+
+    enabled: bool = False
+    flip: bool = True
+    rotation: float = Field(0.05, ge=0, le=0.5, description="Fraction of a full turn.")
+    zoom: float = Field(0.1, ge=0, lt=1)
+    contrast: float = Field(0.1, ge=0, lt=1)
+
+
+class ModelConfig(StrictModel):
+    architecture: Literal["seed_cnn", "wide_cnn", "mobilenet_v2"] = "seed_cnn"
+    dense_units: int = Field(256, ge=8)
+    filter_multiplier: float = Field(1.0, gt=0, le=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
+    backbone_weights: str | None = Field(
+        None,
+        description="Local or s3:// weights file for a tf.keras.applications backbone; "
+        "never downloaded at run time. Unset means random initial weights.",
+    )
+
+
+class MlflowConfig(StrictModel):
+    enabled: bool = True
+    tracking_uri: str = Field(default_factory=default_tracking_uri)
+    experiment: str = "emotion_ray"
+    registered_model_name: str | None = "emotion_cnn"
+
+
+class TrainConfig(StrictModel):
+    data: str = Field(description="A prepared dataset (has manifest.json) or an image folder to prepare on the fly.")
+    output: str = Field("runs", description="Folder or s3:// prefix that holds run directories.")
+    run_name: str | None = Field(None, description="Defaults to a timestamped name.")
+    resume: bool = Field(False, description="Continue run `run_name` from its latest checkpoint.")
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1, description="Global batch: split evenly over the workers.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    image_size: int | None = Field(None, ge=8, le=2048, description="Only when preparing on the fly.")
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    # Set by tune.py so each trial's MLflow run hangs under the experiment's parent run.
+    mlflow_parent_run_id: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.batch_size % self.workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is the global batch and must divide evenly over {self.workers} workers"
+            )
+        if self.resume and not self.run_name:
+            raise ValueError("resume needs run_name: the run to continue")
+        if self.model.architecture == "mobilenet_v2" and self.image_size is not None and self.image_size < 32:
+            raise ValueError("mobilenet_v2 needs image_size >= 32")
+        return self
+
+
+class ScoreConfig(StrictModel):
+    model: str = Field(description="Run directory, .keras file (local or s3://) or models:/name/version.")
+    inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, or .txt files listing paths.")
+    output: str = Field(description="Folder or s3:// prefix for the Parquet predictions.")
+    batch_size: int = Field(64, ge=1, description="Images per model call.")
+    num_predictors: int = Field(1, ge=1, description="Predictor actors (one model copy each).")
+    use_gpu: bool = False
+    gpus_per_predictor: float = Field(1.0, gt=0)
+    cpus_per_predictor: float = Field(1.0, ge=0)
+    rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
+    max_pixels: int = Field(50_000_000, gt=0)
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
+    mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = target.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {key} is not a section")
+        target = node
+    target[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value read as YAML (so 3, true, [a, b] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return loaded
+
+
+def format_validation_error(model: type[BaseModel], exc: ValidationError) -> str:
+    lines = [f"invalid {model.__name__}:"]
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def build_config(model: type[BaseModel], base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None):
+    """Merge `base` (e.g. YAML) with dotted `overrides` and validate, or raise ConfigError."""
+    data: dict[str, Any] = dict(base or {})
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(model, exc)) from None
+
+
+def load_config(model: type[BaseModel], yaml_path: str | None = None, overrides: dict[str, Any] | None = None):
+    return build_config(model, read_yaml(yaml_path) if yaml_path else {}, overrides)

@@ -1,0 +1,303 @@
+"""prepare: list -> read bytes -> decode -> split -> sharded Parquet + manifest + rejects.
+
+Output layout (local folder or s3:// prefix):
+    split=train/*.parquet, split=val/*.parquet, split=test/*.parquet
+        columns: image (binary: image_size*image_size*3 uint8 RGB, row-major HWC),
+                 label_index (int32), label (string), path (string), content_hash (sha256 hex)
+    rejects.parquet   path, reason, detail: every file that could not be used
+    manifest.json     written last: a dataset without it is incomplete and is never read
+
+Splits come from the sha256 of each file's bytes mapped to [0, 1): deterministic, exact
+duplicates always share a split, and adding files never moves existing ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from emotion_ray import __version__, storage
+from emotion_ray.config import ConfigError, PrepareConfig, StorageConfig
+from emotion_ray.images import decode_image, has_image_extension
+
+MANIFEST = "manifest.json"
+OWNER_MARKER = "_emotion_ray_dataset"
+REJECTS = "rejects.parquet"
+SPLITS = ("train", "val", "test")
+REJECTED = "rejected"
+IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("image", pa.binary()),
+        ("label_index", pa.int32()),
+        ("label", pa.string()),
+        ("path", pa.string()),
+        ("content_hash", pa.string()),
+        ("split", pa.string()),
+        ("reject_reason", pa.string()),
+    ]
+)
+
+
+@dataclass
+class Listing:
+    """What the input roots hold: usable files with labels, and everything skipped, by reason."""
+
+    files: list[dict[str, Any]] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)
+    found: int = 0
+
+
+def _full_uri(root: str, stripped_path: str) -> str:
+    return ("s3://" + stripped_path) if storage.is_s3(root) else stripped_path
+
+
+def list_labelled_files(cfg: PrepareConfig) -> Listing:
+    """Walk every root; label files by their first folder; count what is skipped and why."""
+    listing = Listing()
+    unknown: Counter = Counter()
+    for root in cfg.inputs:
+        fs = storage.filesystem(root, cfg.storage)
+        base = storage.strip_scheme(root)
+        if not fs.isdir(base):
+            raise ConfigError(f"input {root} is not a folder (or cannot be read)")
+        for path in sorted(fs.find(base, withdirs=False)):
+            listing.found += 1
+            parts = posixpath.relpath(path, base).split("/")
+            if any(part.startswith(".") for part in parts):
+                listing.ignored["hidden"] += 1
+            elif len(parts) < 2:
+                listing.ignored["not_in_class_folder"] += 1
+            elif not has_image_extension(parts[-1]):
+                listing.ignored["not_an_image_extension"] += 1
+            elif parts[0] not in cfg.classes:
+                if cfg.classes_given:
+                    listing.ignored["class_not_selected"] += 1
+                else:
+                    unknown[parts[0]] += 1
+            else:
+                listing.files.append(
+                    {"path": _full_uri(root, path), "label": parts[0], "label_index": cfg.classes.index(parts[0])}
+                )
+    if unknown:
+        raise ConfigError(
+            f"found class folders {sorted(unknown)} that are not among the classes {cfg.classes}; "
+            "list the classes to keep with --classes (others are then skipped and counted)"
+        )
+    present = {f["label"] for f in listing.files}
+    missing = [c for c in cfg.classes if c not in present]
+    if missing:
+        raise ConfigError(f"no images found for class(es) {missing} under {cfg.inputs}")
+    return listing
+
+
+def split_of(content_hash: str, fractions: dict[str, float]) -> str:
+    """Map a sha256 hex digest to a split: the first 64 bits as a fraction of [0, 1)."""
+    point = int(content_hash[:16], 16) / 2**64
+    edge = 0.0
+    for name in SPLITS:
+        edge += fractions[name]
+        if point < edge:
+            return name
+    return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
+
+
+def decode_batch(
+    batch: pa.Table,
+    image_size: int,
+    fractions: dict[str, float],
+    max_pixels: int,
+    max_file_bytes: int,
+    storage_cfg: StorageConfig,
+) -> pa.Table:
+    """Ray Data UDF: read and decode a batch of listed files. Bad files become reject rows."""
+    columns: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
+    for path, label, label_index in zip(
+        batch["path"].to_pylist(), batch["label"].to_pylist(), batch["label_index"].to_pylist()
+    ):
+        image, digest, split, reason = None, None, REJECTED, None
+        try:
+            data = storage.read_bytes(path, storage_cfg)
+        except Exception as exc:  # noqa: BLE001 - unreadable is a reject, not a crash
+            reason = f"unreadable: {type(exc).__name__}: {exc}"
+        else:
+            digest = hashlib.sha256(data).hexdigest()
+            decoded = decode_image(data, image_size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+            if decoded.error:
+                reason = decoded.error
+            else:
+                image = decoded.pixels.tobytes()
+                split = split_of(digest, fractions)
+        for name, value in zip(
+            ROW_SCHEMA.names, (image, label_index, label, path, digest, split, reason)
+        ):
+            columns[name].append(value)
+    return pa.table(columns, schema=ROW_SCHEMA)
+
+
+def _claim_output(cfg: PrepareConfig) -> None:
+    """Make `output` ours and empty. Never deletes anything that emotion_ray did not write."""
+    names = storage.listdir_names(cfg.output, cfg.storage)
+    if names:
+        if OWNER_MARKER not in names:
+            raise ConfigError(
+                f"output {cfg.output} is not empty and is not an emotion_ray dataset; "
+                "refusing to write into it (choose an empty or new folder)"
+            )
+        if MANIFEST in names and not cfg.overwrite:
+            raise ConfigError(f"output {cfg.output} already holds a prepared dataset; pass --overwrite to replace it")
+        # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
+        for name in [MANIFEST] + [n for n in names if n not in (MANIFEST, OWNER_MARKER)]:
+            storage.remove(storage.join(cfg.output, name), cfg.storage, recursive=True)
+    storage.makedirs(cfg.output, cfg.storage)
+    storage.write_json_atomic(
+        storage.join(cfg.output, OWNER_MARKER),
+        {"written_by": f"emotion_ray {__version__}", "note": "this folder is managed by emotion-ray prepare"},
+        cfg.storage,
+    )
+
+
+def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
+    """Read back the small columns of what was written, write rejects.parquet, build the manifest."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
+    base = storage.strip_scheme(cfg.output)
+    shards: dict[str, list[str]] = {}
+    tables = []
+    for split in (*SPLITS, REJECTED):
+        folder = f"{base}/split={split}"
+        info = fs.get_file_info(pa.fs.FileSelector(folder, allow_not_found=True, recursive=True))
+        files = sorted(i.path for i in info if i.type == pa.fs.FileType.File and i.path.endswith(".parquet"))
+        shards[split] = files
+        if files:
+            columns = ["label", "path", "content_hash", "reject_reason"]
+            t = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+            tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
+    table = pa.concat_tables(tables) if tables else pa.table({"label": [], "split": []})
+    rows = table.to_pylist()
+
+    rejects = [r for r in rows if r["split"] == REJECTED]
+    reject_table = pa.table(
+        {
+            "path": [r["path"] for r in rejects],
+            "reason": [r["reject_reason"].split(":", 1)[0] for r in rejects],
+            "detail": [r["reject_reason"] for r in rejects],
+        },
+        schema=pa.schema([("path", pa.string()), ("reason", pa.string()), ("detail", pa.string())]),
+    )
+    with fs.open_output_stream(f"{base}/{REJECTS}") as out:
+        pq.write_table(reject_table, out)
+    # The rejected partition only carried reject rows through the one streaming pass.
+    storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
+
+    kept = [r for r in rows if r["split"] != REJECTED]
+    counts = {s: {c: 0 for c in cfg.classes} for s in SPLITS}
+    for r in kept:
+        counts[r["split"]][r["label"]] += 1
+    by_hash: dict[str, set] = {}
+    hash_count: Counter = Counter()
+    for r in kept:
+        by_hash.setdefault(r["content_hash"], set()).add(r["label"])
+        hash_count[r["content_hash"]] += 1
+    dup_groups = [h for h, n in hash_count.items() if n > 1]
+    rel = lambda p: posixpath.relpath(p, base)  # noqa: E731
+    return {
+        "format_version": 1,
+        "written_by": f"emotion_ray {__version__}",
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "classes": cfg.classes,
+        "image_size": cfg.image_size,
+        "image_format": IMAGE_FORMAT,
+        "split_fractions": cfg.splits,
+        "split_method": "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions",
+        "sources": cfg.inputs,
+        "files_found": listing.found,
+        "rows": len(kept),
+        "counts": counts,
+        "split_rows": {s: sum(counts[s].values()) for s in SPLITS},
+        "duplicates": {
+            "duplicate_rows": sum(hash_count[h] - 1 for h in dup_groups),
+            "groups": len(dup_groups),
+            "groups_with_conflicting_labels": sum(1 for h in dup_groups if len(by_hash[h]) > 1),
+        },
+        "rejects": {"count": len(rejects), "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
+        "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
+        "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
+    }
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the prepare stage; returns the manifest. The input trees are only ever read."""
+    import ray
+
+    from emotion_ray.runtime import init_ray
+
+    listing = list_labelled_files(cfg)
+    _claim_output(cfg)
+    init_ray()
+
+    n = len(listing.files)
+    # Enough blocks to keep every CPU busy, small enough that a block's pixels stay modest.
+    num_blocks = max(1, min(n, max(int(ray.cluster_resources().get("CPU", 1)) * 4, math.ceil(n / 64))))
+    ds = ray.data.from_arrow(pa.Table.from_pylist(listing.files)).repartition(num_blocks)
+    ds = ds.map_batches(
+        decode_batch,
+        batch_format="pyarrow",
+        batch_size=32,
+        fn_kwargs={
+            "image_size": cfg.image_size,
+            "fractions": cfg.splits,
+            "max_pixels": cfg.max_pixels,
+            "max_file_bytes": cfg.max_file_bytes,
+            "storage_cfg": cfg.storage,
+        },
+    )
+    ds.write_parquet(
+        storage.strip_scheme(cfg.output) if storage.is_s3(cfg.output) else cfg.output,
+        filesystem=storage.pyarrow_filesystem(cfg.output, cfg.storage),
+        partition_cols=["split"],
+        max_rows_per_file=cfg.rows_per_shard,
+    )
+    manifest = _summarise(cfg, listing)
+    storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
+    return manifest
+
+
+def read_manifest(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    uri = storage.join(dataset_uri, MANIFEST)
+    if not storage.exists(uri, storage_cfg):
+        raise ConfigError(f"{dataset_uri} is not a complete prepared dataset (no {MANIFEST}); run `emotion-ray prepare`")
+    return storage.read_json(uri, storage_cfg)
+
+
+def is_prepared(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> bool:
+    return storage.exists(storage.join(dataset_uri, MANIFEST), storage_cfg)
+
+
+def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None):
+    """A Ray Dataset of one split's (image, label_index) rows, streamed from its shards."""
+    import ray
+
+    manifest = read_manifest(dataset_uri, storage_cfg)
+    files = [storage.strip_scheme(storage.join(dataset_uri, rel)) for rel in manifest["shards"][split]]
+    if not files:
+        raise ConfigError(f"split {split!r} of {dataset_uri} is empty; add images or change the split fractions")
+    return ray.data.read_parquet(
+        files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"]
+    )
+
+
+def images_from_column(column: np.ndarray | list, image_size: int) -> np.ndarray:
+    """Raw `image` bytes from Parquet -> (N, size, size, 3) uint8."""
+    return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(-1, image_size, image_size, 3)

@@ -1,0 +1,109 @@
+"""The one preprocessing path: file bytes -> uint8 RGB array of a fixed size, or a reject reason.
+
+`prepare`, `score` and `predict` all call `decode_image`; the model itself holds the 1/255
+scaling (see model.py), so training never sees pixels that scoring would see differently.
+
+Decisions, documented once here:
+- EXIF orientation is applied (phones store rotated JPEGs).
+- Every mode becomes RGB. 16-bit grey (I;16*, I) is scaled by 1/257 rather than clipped;
+  transparency (RGBA, LA, PA, P with a transparent colour) is composited on white.
+- Resize squashes to `size` x `size` with bilinear filtering (antialiased by Pillow), as the
+  seed's `image_dataset_from_directory` did: faces are not cropped away.
+- JPEGs larger than twice the target use Pillow's draft mode (DCT scaling in libjpeg) first,
+  which decodes at 1/2, 1/4 or 1/8 scale but never below the target size; bench/score.py
+  measures its effect on pixels and predictions (bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+ALPHA_BACKGROUND = (255, 255, 255)
+DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; bigger is a decompression-bomb risk, not a face photo
+DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+
+# Pillow's own guard warns above MAX_IMAGE_PIXELS and raises at twice that; we check the header
+# against our own limit first, so keep Pillow's error as the backstop only.
+Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS * 2
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Result of decoding one file: `pixels` is None exactly when `error` is set."""
+
+    pixels: np.ndarray | None
+    width: int | None  # original size, before resize
+    height: int | None
+    error: str | None = None
+
+
+def has_image_extension(path: str) -> bool:
+    dot = path.rfind(".")
+    return dot != -1 and path[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I;16") or mode == "I":
+        wide = np.asarray(img, dtype=np.float64)
+        grey = np.clip(wide / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("P", "PA") and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(
+    data: bytes,
+    size: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> Decoded:
+    """Decode `data` to a (size, size, 3) uint8 RGB array, or say why not. Never raises."""
+    if not data:
+        return Decoded(None, None, None, "empty: file has no bytes")
+    if len(data) > max_file_bytes:
+        return Decoded(None, None, None, f"too_large: {len(data)} bytes > limit {max_file_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return Decoded(None, width, height, f"too_large: {width}x{height} pixels > limit {max_pixels}")
+            if img.format == "JPEG" and min(width, height) >= 2 * size:
+                img.draft("RGB", (size, size))
+            img = ImageOps.exif_transpose(img)  # loads the pixels; truncation surfaces here
+            img = _to_rgb(img)
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except Image.DecompressionBombError as exc:
+        return Decoded(None, None, None, f"decompression_bomb: {exc}")
+    except Image.DecompressionBombWarning as exc:
+        return Decoded(None, None, None, f"decompression_bomb: {exc}")
+    except UnidentifiedImageError:
+        return Decoded(None, None, None, "not_an_image: Pillow cannot identify the format")
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated or damaged data as OSError/SyntaxError/ValueError.
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        return Decoded(None, None, None, f"{reason}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one bad file must never kill a job
+        return Decoded(None, None, None, f"corrupt: {type(exc).__name__}: {exc}")
+    if pixels.shape != (size, size, 3):
+        return Decoded(None, width, height, f"corrupt: decoded shape {pixels.shape}")
+    return Decoded(pixels, width, height)

@@ -1,0 +1,124 @@
+"""Local paths and `s3://` URIs behind one small interface (fsspec; s3fs for S3).
+
+Paths handed to fsspec are "stripped" (no scheme); `join` and `uri` keep the user's form.
+Writes that must appear whole go through `write_bytes_atomic`: a local temp file renamed
+into place, or a single S3 PUT (S3 shows an object only once it is fully written).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import uuid
+from functools import lru_cache
+from typing import Any
+
+import fsspec
+import pyarrow.fs as pafs
+
+from emotion_ray.config import StorageConfig
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://") or uri.startswith("s3a://")
+
+
+def strip_scheme(uri: str) -> str:
+    if is_s3(uri):
+        return uri.split("://", 1)[1].rstrip("/")
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+@lru_cache(maxsize=8)
+def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs = {"endpoint_url": endpoint_url} if endpoint_url else {}
+    # The region comes from AWS_DEFAULT_REGION; a region in client_kwargs makes some
+    # S3-compatible stores reject bucket location constraints.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
+
+
+def filesystem(uri: str, storage: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
+    if is_s3(uri):
+        return _s3fs((storage or StorageConfig()).s3_endpoint_url)
+    return fsspec.filesystem("file")
+
+
+def pyarrow_filesystem(uri: str, storage: StorageConfig | None = None) -> pafs.FileSystem:
+    """The pyarrow filesystem Ray wants for `storage_filesystem=` and Parquet reads."""
+    if is_s3(uri):
+        endpoint = (storage or StorageConfig()).s3_endpoint_url
+        return pafs.PyFileSystem(pafs.FSSpecHandler(_s3fs(endpoint))) if endpoint else pafs.S3FileSystem()
+    return pafs.LocalFileSystem()
+
+
+def exists(uri: str, storage: StorageConfig | None = None) -> bool:
+    return filesystem(uri, storage).exists(strip_scheme(uri))
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    return filesystem(uri, storage).cat_file(strip_scheme(uri))
+
+
+def read_json(uri: str, storage: StorageConfig | None = None) -> Any:
+    return json.loads(read_bytes(uri, storage))
+
+
+def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
+    fs = filesystem(uri, storage)
+    path = strip_scheme(uri)
+    if is_s3(uri):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json_atomic(uri: str, obj: Any, storage: StorageConfig | None = None) -> None:
+    write_bytes_atomic(uri, json.dumps(obj, indent=2, sort_keys=False, default=str).encode(), storage)
+
+
+def upload_file(local_path: str, uri: str, storage: StorageConfig | None = None) -> None:
+    if is_s3(uri):
+        filesystem(uri, storage).put_file(local_path, strip_scheme(uri))
+    else:
+        with open(local_path, "rb") as fh:
+            write_bytes_atomic(uri, fh.read())
+
+
+def download_file(uri: str, local_path: str, storage: StorageConfig | None = None) -> str:
+    filesystem(uri, storage).get_file(strip_scheme(uri), local_path)
+    return local_path
+
+
+def remove(uri: str, storage: StorageConfig | None = None, recursive: bool = False) -> None:
+    fs = filesystem(uri, storage)
+    path = strip_scheme(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def makedirs(uri: str, storage: StorageConfig | None = None) -> None:
+    if not is_s3(uri):
+        os.makedirs(strip_scheme(uri), exist_ok=True)
+
+
+def listdir_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
+    fs = filesystem(uri, storage)
+    path = strip_scheme(uri)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))

@@ -1,0 +1,55 @@
+"""Bad config gives a clear message and a non-zero exit, before any cluster work."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from emotion_ray.config import ConfigError, PrepareConfig, TrainConfig, build_config, load_config
+
+CLI = [sys.executable, "-m", "emotion_ray.cli"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"epochz: unknown key"):
+        build_config(TrainConfig, {"data": "d", "epochz": 3})
+
+
+def test_splits_must_sum_to_one():
+    with pytest.raises(ConfigError, match="sum to 1"):
+        PrepareConfig.model_validate  # noqa: B018 - keep the import used in both paths
+        build_config(PrepareConfig, {"inputs": ["a"], "output": "b", "splits": {"train": 0.9, "val": 0.2, "test": 0.1}})
+
+
+def test_global_batch_must_divide_over_workers():
+    with pytest.raises(ConfigError, match="divide evenly"):
+        build_config(TrainConfig, {"data": "d", "workers": 3, "batch_size": 32})
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data: d\nepochs: 4\nmodel:\n  dropout: 0.2\n")
+    cfg = load_config(TrainConfig, str(path), {"model.dense_units": 64, "epochs": 7})
+    assert (cfg.epochs, cfg.model.dropout, cfg.model.dense_units) == (7, 0.2, 64)
+
+
+def test_cli_bad_config_exits_2_with_message(tmp_path):
+    res = run_cli("prepare", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--set", "splits={train: 0.9, val: 0.2, test: 0.1}")
+    assert res.returncode == 2
+    assert "splits" in res.stderr and "sum to 1" in res.stderr
+    res = run_cli("prepare", "--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"))
+    assert res.returncode == 2 and "is not a folder" in res.stderr
+    res = run_cli("train", "--data", "d", "--set", "model.architecture=resnet9000")
+    assert res.returncode == 2 and "model.architecture" in res.stderr
+
+
+def test_every_subcommand_has_help():
+    for cmd in ("demo-data", "prepare", "train", "tune", "score", "predict"):
+        res = run_cli(cmd, "--help")
+        assert res.returncode == 0 and "usage" in res.stdout
