@@ -115,7 +115,12 @@ class TrainConfig(StrictModel):
     resume: bool = Field(False, description="Continue run `run_name` from its latest checkpoint.")
     workers: int = Field(2, ge=1)
     use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    cpus_per_worker: float | None = Field(
+        None,
+        gt=0,
+        description="CPUs reserved per worker. Unset: 1, or less on a small CPU-only cluster so that one "
+        "CPU stays free for Ray Data's read tasks (otherwise training waits forever for its data).",
+    )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="Global batch: split evenly over the workers.")
     learning_rate: float = Field(1e-3, gt=0, lt=1)

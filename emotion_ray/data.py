@@ -17,6 +17,7 @@ import datetime as dt
 import hashlib
 import math
 import posixpath
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -247,6 +248,9 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     _claim_output(cfg)
     init_ray()
 
+    # Shards in folder order would hold one class each; training streams shards with only a
+    # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
+    random.Random(0).shuffle(listing.files)
     n = len(listing.files)
     # Enough blocks to keep every CPU busy, small enough that a block's pixels stay modest.
     num_blocks = max(1, min(n, max(int(ray.cluster_resources().get("CPU", 1)) * 4, math.ceil(n / 64))))

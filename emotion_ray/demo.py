@@ -40,9 +40,9 @@ def draw_face(label: str, rng: np.random.Generator, canvas: int = 256) -> Image.
     draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=skin, outline=(30, 20, 10), width=max(1, int(2 * scale)))
 
     ink = (int(rng.integers(0, 60)),) * 3
-    line = max(2, int(rng.uniform(3, 5) * scale))
+    line = max(2, int(rng.uniform(6, 9) * scale))
     eye_dx, eye_y = rx * 0.4, cy - ry * 0.25
-    eye_w = rx * rng.uniform(0.14, 0.2)
+    eye_w = rx * rng.uniform(0.18, 0.24)
     eye_h = eye_w * (1.0 if label == "happy" else 0.35)
     for side in (-1, 1):
         ex = cx + side * eye_dx
@@ -50,13 +50,13 @@ def draw_face(label: str, rng: np.random.Generator, canvas: int = 256) -> Image.
         draw.ellipse((ex - eye_h * 0.6, eye_y - eye_h * 0.6, ex + eye_h * 0.6, eye_y + eye_h * 0.6), fill=ink)
         # Brows: level (happy), inner end low (angry), outer end low (sad).
         by = eye_y - eye_w * 1.8
-        slope = {"happy": 0.0, "angry": 0.6, "sad": -0.6}[label] * eye_w
+        slope = {"happy": 0.0, "angry": 0.9, "sad": -0.9}[label] * eye_w
         inner, outer = ex - side * eye_w * 1.2, ex + side * eye_w * 1.2
         draw.line((inner, by + slope, outer, by - slope), fill=ink, width=line)
 
-    mouth_w = rx * rng.uniform(0.45, 0.6)
+    mouth_w = rx * rng.uniform(0.55, 0.7)
     my = cy + ry * 0.45
-    curve = {"happy": 1.0, "sad": -1.0, "angry": 0.0}[label] * mouth_w * rng.uniform(0.45, 0.6)
+    curve = {"happy": 1.0, "sad": -1.0, "angry": 0.0}[label] * mouth_w * rng.uniform(0.6, 0.8)
     points = []
     for i in range(21):
         t = -1 + i / 10
