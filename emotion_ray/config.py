@@ -128,6 +128,11 @@ class TrainConfig(StrictModel):
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     image_size: int | None = Field(None, ge=8, le=2048, description="Only when preparing on the fly.")
     seed: int = 0
+    cache_in_memory: bool | None = Field(
+        None,
+        description="Keep each worker's shard in memory after the first epoch (later epochs skip Ray Data's "
+        "per-epoch start-up). Unset: on when a worker's share of train+val is under 2 GiB.",
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)

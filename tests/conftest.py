@@ -82,9 +82,9 @@ def s3_bucket(s3_endpoint, request):
 
 @pytest.fixture(scope="session")
 def demo_images(tmp_path_factory) -> Path:
-    """60 small demo faces per class: enough for a model to beat chance clearly."""
+    """100 small demo faces per class: enough for a model to beat chance clearly."""
     root = tmp_path_factory.mktemp("demo") / "images"
-    make_demo_dataset(root, per_class=60, seed=1, canvas=96)
+    make_demo_dataset(root, per_class=100, seed=1, canvas=96)
     return root
 
 

@@ -1,0 +1,327 @@
+"""score: a saved model mapped over image folders, prefixes or path lists -> Parquet, one row per file.
+
+Pipeline (Ray Data, streaming): listed paths -> read + decode on CPU tasks (images.decode_image,
+the very code prepare used) -> `Predictor` on an actor pool (model loaded once per actor, GPUs
+when asked) -> the driver writes rows to Parquet part files, each written whole or not at all.
+
+Resumable and idempotent: a re-run with the same output reads the paths already written and
+scores only the rest, so an interrupted job ends with no duplicates and no gaps. `_SUCCESS.json`
+(the summary) is written last: output without it is incomplete.
+
+Output columns: path, label, confidence, prob_<class> per class, model_id, width, height (of the
+original image), error (null when fine), scored_at (UTC).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import os
+import posixpath
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from emotion_ray import storage
+from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
+from emotion_ray.images import decode_image, has_image_extension
+
+SUCCESS = "_SUCCESS.json"
+OWNER_MARKER = "_emotion_ray_scores"
+DECODED_SCHEMA = pa.schema(
+    [("path", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
+     ("error", pa.string())]
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as shipped to predictor actors: the .keras bytes travel via the object store."""
+
+    model_bytes: bytes
+    classes: list[str]
+    image_size: int
+    model_id: str
+
+
+def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> ModelRef:
+    """Run directory, `.keras` file (with labels.json beside it), or `models:/name/version`."""
+    if model.startswith("models:/") or model.startswith("runs:/"):
+        from emotion_ray.tracking import download_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model_path, labels_path = download_model(model, tracking_uri, tmp)
+            with open(model_path, "rb") as fh:
+                data = fh.read()
+            with open(labels_path) as fh:
+                labels = json.load(fh)
+        return ModelRef(data, labels["classes"], labels["image_size"], model)
+    model_uri = model if model.endswith(".keras") else storage.join(model, "model.keras")
+    labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
+                              else os.path.dirname(os.path.abspath(model_uri)), "labels.json")
+    for uri in (model_uri, labels_uri):
+        if not storage.exists(uri, storage_cfg):
+            raise ConfigError(f"model {model}: {uri} not found (expected a run directory or a .keras file "
+                              "with labels.json beside it)")
+    data = storage.read_bytes(model_uri, storage_cfg)
+    labels = storage.read_json(labels_uri, storage_cfg)
+    return ModelRef(data, labels["classes"], labels["image_size"],
+                    f"{model_uri}#sha256={hashlib.sha256(data).hexdigest()[:12]}")
+
+
+def list_inputs(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
+    """Every image to score, sorted and de-duplicated, and what was skipped by reason.
+
+    Folders and prefixes contribute their image files (hidden ones skipped); a `.txt` file
+    contributes every path it lists, image extension or not, since the user named them.
+    """
+    paths: set[str] = set()
+    skipped: Counter = Counter()
+    for item in inputs:
+        fs = storage.filesystem(item, storage_cfg)
+        base = storage.strip_scheme(item)
+        scheme = "s3://" if storage.is_s3(item) else ""
+        if item.endswith(".txt") and fs.isfile(base):
+            for line in fs.cat_file(base).decode().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    paths.add(line)
+        elif fs.isdir(base):
+            for path in fs.find(base, withdirs=False):
+                rel = posixpath.relpath(path, base)
+                if any(part.startswith(".") for part in rel.split("/")):
+                    skipped["hidden"] += 1
+                elif not has_image_extension(path):
+                    skipped["not_an_image_extension"] += 1
+                else:
+                    paths.add(scheme + path)
+        elif fs.isfile(base):
+            paths.add(scheme + base)
+        else:
+            raise ConfigError(f"input {item} does not exist")
+    return sorted(paths), skipped
+
+
+def decode_paths(batch: pa.Table, image_size: int, max_pixels: int, max_file_bytes: int,
+                 storage_cfg: StorageConfig) -> pa.Table:
+    """Read and decode a batch of paths; a file that cannot be used becomes an error row."""
+    rows: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
+    for path in batch["path"].to_pylist():
+        image = width = height = error = None
+        try:
+            data = storage.read_bytes(path, storage_cfg)
+        except Exception as exc:  # noqa: BLE001 - one unreadable file is a row, not a dead job
+            error = f"unreadable: {type(exc).__name__}: {exc}"
+        else:
+            decoded = decode_image(data, image_size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+            width, height, error = decoded.width, decoded.height, decoded.error
+            image = decoded.pixels.tobytes() if decoded.pixels is not None else None
+        for name, value in zip(DECODED_SCHEMA.names, (path, image, width, height, error)):
+            rows[name].append(value)
+    return pa.table(rows, schema=DECODED_SCHEMA)
+
+
+class Predictor:
+    """Actor-pool UDF: loads the model once, then turns decoded batches into prediction rows."""
+
+    def __init__(self, model_ref: ModelRef, batch_size: int):
+        from emotion_ray.model import load_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            with open(path, "wb") as fh:
+                fh.write(model_ref.model_bytes)
+            self.model = load_model(path)
+        self.ref = model_ref
+        self.batch_size = batch_size
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Model outputs in fixed-size chunks (padded), so a file's probabilities never depend
+        on which other files share its batch: score and predict agree bit for bit."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
+            padded[: len(chunk)] = chunk
+            out.append(np.asarray(self.model.predict_on_batch(padded))[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, len(self.ref.classes)), dtype=np.float32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        classes, size = self.ref.classes, self.ref.image_size
+        images = batch["image"].to_pylist()
+        ok = [i for i, img in enumerate(images) if img is not None]
+        pixels = (np.frombuffer(b"".join(images[i] for i in ok), dtype=np.uint8).reshape(-1, size, size, 3)
+                  if ok else np.zeros((0, size, size, 3), np.uint8))
+        probs = np.full((len(images), len(classes)), np.nan, dtype=np.float32)
+        probs[ok] = self.probabilities(pixels)
+        best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+        good = np.zeros(len(images), dtype=bool)
+        good[ok] = True
+        columns = {
+            "path": batch["path"],
+            "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
+            "confidence": pa.array(np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan),
+                                   pa.float32(), mask=~good),
+        }
+        for j, c in enumerate(classes):
+            columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
+        columns["model_id"] = pa.array([self.ref.model_id] * len(images), pa.string())
+        columns["width"], columns["height"], columns["error"] = batch["width"], batch["height"], batch["error"]
+        now = dt.datetime.now(dt.timezone.utc)
+        columns["scored_at"] = pa.array([now] * len(images), pa.timestamp("us", tz="UTC"))
+        return pa.table(columns)
+
+
+class _PartWriter:
+    """Buffers prediction rows in the driver and writes whole Parquet part files."""
+
+    def __init__(self, output: str, storage_cfg: StorageConfig, rows_per_file: int):
+        self.output, self.storage_cfg, self.rows_per_file = output, storage_cfg, rows_per_file
+        self.run_id = uuid.uuid4().hex[:8]
+        self.pending: list[pa.Table] = []
+        self.pending_rows = self.files = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        if self.pending_rows >= self.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending_rows:
+            return
+        import pyarrow.parquet as pq
+
+        buf = io.BytesIO()
+        pq.write_table(pa.concat_tables(self.pending), buf)
+        name = f"part-{self.run_id}-{self.files:05d}.parquet"
+        storage.write_bytes_atomic(storage.join(self.output, name), buf.getvalue(), self.storage_cfg)
+        self.files += 1
+        self.pending, self.pending_rows = [], 0
+
+
+def _part_files(output: str, storage_cfg: StorageConfig) -> list[str]:
+    return [n for n in storage.listdir_names(output, storage_cfg) if n.startswith("part-") and n.endswith(".parquet")]
+
+
+def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
+    """All rows written so far to `output` (complete or not)."""
+    import pyarrow.dataset as pads
+
+    storage_cfg = storage_cfg or StorageConfig()
+    files = [storage.strip_scheme(storage.join(output, n)) for n in _part_files(output, storage_cfg)]
+    if not files:
+        return pa.table({c: [] for c in (columns or ["path"])})
+    fs = storage.pyarrow_filesystem(output, storage_cfg)
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def _claim_output(cfg: ScoreConfig) -> None:
+    names = storage.listdir_names(cfg.output, cfg.storage)
+    if names and OWNER_MARKER not in names:
+        raise ConfigError(f"output {cfg.output} is not empty and holds no earlier scores; refusing to write into it")
+    storage.remove(storage.join(cfg.output, SUCCESS), cfg.storage)  # incomplete until this run ends
+    storage.makedirs(cfg.output, cfg.storage)
+    for name in names:  # temp files of a write that was interrupted (ours; never complete)
+        if ".tmp-" in name:
+            storage.remove(storage.join(cfg.output, name), cfg.storage)
+    storage.write_json_atomic(storage.join(cfg.output, OWNER_MARKER), {"written_by": "emotion-ray score"}, cfg.storage)
+
+
+def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Score every input file not already in `cfg.output`; returns the summary."""
+    import ray
+    from tqdm import tqdm
+
+    from emotion_ray.runtime import init_ray
+
+    paths, skipped = list_inputs(cfg.inputs, cfg.storage)
+    if not paths:
+        raise ConfigError(f"no images found in {cfg.inputs}")
+    model_ref = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
+    _claim_output(cfg)
+    done = set(read_scores(cfg.output, cfg.storage, ["path"])["path"].to_pylist())
+    todo = [p for p in paths if p not in done]
+
+    started = time.perf_counter()
+    writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file)
+    if todo:
+        init_ray()
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        num_blocks = max(1, min(len(todo), max(cpus * 4, -(-len(todo) // 256))))
+        ds = ray.data.from_arrow(pa.table({"path": todo})).repartition(num_blocks)
+        ds = ds.map_batches(
+            decode_paths,
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            fn_kwargs={"image_size": model_ref.image_size, "max_pixels": cfg.max_pixels,
+                       "max_file_bytes": cfg.max_file_bytes, "storage_cfg": cfg.storage},
+        )
+        ds = ds.map_batches(
+            Predictor,
+            batch_format="pyarrow",
+            batch_size=cfg.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_predictors),
+            fn_constructor_kwargs={"model_ref": model_ref, "batch_size": cfg.batch_size},
+            num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
+            num_cpus=cfg.cpus_per_predictor,
+        )
+        with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                writer.add(batch)
+                bar.update(batch.num_rows)
+        writer.flush()
+    elapsed = time.perf_counter() - started
+
+    table = read_scores(cfg.output, cfg.storage, ["path", "label", "error"])
+    written = table["path"].to_pylist()
+    if len(written) != len(set(written)) or set(written) != set(paths) | done:
+        raise RuntimeError(f"output {cfg.output} does not hold exactly one row per input; re-run to repair")
+    labels = Counter(label for label in table["label"].to_pylist() if label is not None)
+    errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
+    summary = {
+        "output": cfg.output,
+        "model_id": model_ref.model_id,
+        "rows": table.num_rows,
+        "scored_now": len(todo),
+        "already_scored": len(paths) - len(todo),
+        "labels": dict(sorted(labels.items())),
+        "errors": dict(errors),
+        "skipped_inputs": dict(skipped),
+        "seconds": round(elapsed, 2),
+        "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
+        "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    storage.write_json_atomic(storage.join(cfg.output, SUCCESS), summary, cfg.storage)
+    return summary
+
+
+def predict(model: str, images: list[str], tracking_uri: str | None = None,
+            storage_cfg: StorageConfig | None = None) -> list[dict[str, Any]]:
+    """Predict a few images in this process, through the same decode and Predictor as `score`."""
+    from emotion_ray.config import default_tracking_uri
+
+    storage_cfg = storage_cfg or StorageConfig()
+    ref = resolve_model(model, storage_cfg, tracking_uri or default_tracking_uri())
+    defaults = ScoreConfig(model=model, inputs=images, output="-")
+    decoded = decode_paths(pa.table({"path": images}), ref.image_size, defaults.max_pixels,
+                           defaults.max_file_bytes, storage_cfg)
+    rows = Predictor(ref, defaults.batch_size)(decoded).to_pylist()
+    return [
+        {
+            "path": r["path"],
+            "label": r["label"],
+            "confidence": r["confidence"],
+            "probabilities": {c: r[f"prob_{c}"] for c in ref.classes},
+            "error": r["error"],
+        }
+        for r in rows
+    ]

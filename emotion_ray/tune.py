@@ -1,0 +1,348 @@
+"""tune: a Ray Tune search over training configs, described by a YAML file in tune_configs/.
+
+Ray Train V2 pattern: each trial is a function that builds a TensorflowTrainer with train.py's
+`build_trainer` (the same training loop as `emotion-ray train`) and fits it; every epoch's
+report reaches Tune through TuneReportCallback, so ASHA can stop weak trials early.
+
+Re-running the same command continues the experiment (finished trials are kept). At the end:
+trials.parquet / trials.csv ranked by the metric, best_train_config.yaml (accepted unchanged
+by `emotion-ray train --config`), and the best trial's model evaluated on the test split,
+exported to <output>/<name>/best and registered in MLflow under the experiment's parent run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from emotion_ray import storage
+from emotion_ray.config import (
+    ConfigError,
+    MlflowConfig,
+    StorageConfig,
+    StrictModel,
+    TrainConfig,
+    _set_dotted,
+    build_config,
+    read_yaml,
+)
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class Distribution(StrictModel):
+    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], randint [lo, hi), choice [...], grid [...]."""
+
+    loguniform: list[float] | None = None
+    uniform: list[float] | None = None
+    randint: list[int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}")
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("loguniform", "uniform", "randint"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {values}")
+        elif not values:
+            raise ValueError(f"{kind} needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    def examples(self) -> list[Any]:
+        """Values used to validate the space against TrainConfig before any trial starts."""
+        values = getattr(self, self.kind)
+        if self.kind == "randint":
+            return [values[0], values[1] - 1]
+        return list(values)
+
+    def to_tune(self):
+        from ray import tune
+
+        values = getattr(self, self.kind)
+        return {
+            "loguniform": lambda: tune.loguniform(*values),
+            "uniform": lambda: tune.uniform(*values),
+            "randint": lambda: tune.randint(*values),
+            "choice": lambda: tune.choice(values),
+            "grid": lambda: tune.grid_search(values),
+        }[self.kind]()
+
+
+class SearchConfig(StrictModel):
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    seed: int = 0
+
+
+class SchedulerConfig(StrictModel):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class TrialResources(StrictModel):
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)
+
+
+class TuneConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Experiment name; re-use it to resume.")
+    data: str
+    output: str = "tune_runs"
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1, description="Trials to sample (per grid point when grids are used).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Unset: as many as the cluster fits.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting/continuing trials after this.")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    trial: TrialResources = Field(default_factory=TrialResources)
+    base: dict[str, Any] = Field(default_factory=dict, description="Train config keys shared by all trials.")
+    space: dict[str, Distribution] = Field(min_length=1)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("base")
+    @classmethod
+    def _base_has_no_owned_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"data", "output", "run_name", "resume", "workers", "use_gpu", "cpus_per_worker", "mlflow", "storage"}
+        clash = sorted(owned & set(value))
+        if clash:
+            raise ValueError(f"set {clash} at the top level or under trial:, not under base:")
+        return value
+
+    @model_validator(mode="after")
+    def _space_fits_train_config(self) -> TuneConfig:
+        if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError("grid values need search.algorithm random or grid; Optuna samples, it does not grid")
+        if self.search.algorithm == "grid" and any(d.kind not in ("grid", "choice") for d in self.space.values()):
+            raise ValueError("search.algorithm grid takes only grid/choice values")
+        # Every key and every example value must make a valid TrainConfig, now, not at 3 a.m.
+        for key, dist in self.space.items():
+            for value in dist.examples():
+                self.train_config({key: value})
+        return self
+
+    def train_config(self, sampled: dict[str, Any], run_name: str | None = None) -> TrainConfig:
+        data: dict[str, Any] = {}
+        for key, value in self.base.items():
+            _set_dotted(data, key, value)
+        for key, value in sampled.items():
+            _set_dotted(data, key, value)
+        data.update(
+            data=self.data,
+            output=storage.join(self.experiment_dir, "train_runs"),
+            run_name=run_name,
+            workers=self.trial.workers,
+            use_gpu=self.trial.use_gpu,
+            cpus_per_worker=self.trial.cpus_per_worker,
+            mlflow=self.mlflow.model_dump(),
+            storage=self.storage.model_dump(),
+        )
+        return build_config(TrainConfig, data)
+
+    @property
+    def experiment_dir(self) -> str:
+        out = self.output if storage.is_s3(self.output) else os.path.abspath(self.output)
+        return storage.join(out, self.name)
+
+
+def load_tune_config(path: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
+    return build_config(TuneConfig, read_yaml(path), overrides)
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from emotion_ray import tracking
+    from emotion_ray.train import build_trainer
+
+    setup = config["_setup"]
+    tcfg = TuneConfig.model_validate(setup["tune"])
+    # Named after the trial id (no timestamps): a restored trial finds its own run and checkpoint.
+    run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
+    sampled = {k: v for k, v in config.items() if k != "_setup"}
+    cfg = tcfg.train_config(sampled, run_name=run_name)
+    mlflow_run_id = None
+    if tcfg.mlflow.enabled:
+        mlflow_run_id = tracking.start_run(tcfg.mlflow, run_name, {**cfg.model_dump(mode="json"), **sampled},
+                                           parent_run_id=setup["parent_run_id"], resume=True)
+    trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
+                            callbacks=[TuneReportCallback()])
+    trainer.fit()
+    if mlflow_run_id:
+        tracking.client(tcfg.mlflow.tracking_uri).set_terminated(mlflow_run_id, status="FINISHED")
+
+
+def _check_resources(cfg: TuneConfig) -> int:
+    """Fail fast on trials the cluster can never run; return how many may run at once."""
+    import ray
+
+    from emotion_ray.train import worker_cpus
+
+    res = ray.cluster_resources()
+    cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
+    workers = cfg.trial.workers
+    if cfg.trial.use_gpu:
+        if gpus < workers:
+            raise ConfigError(f"each trial wants {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s)")
+        fits = int(gpus // workers)
+    else:
+        per_worker = cfg.trial.cpus_per_worker or worker_cpus(workers, False)
+        if per_worker * workers > cpus:
+            raise ConfigError(f"each trial wants {per_worker * workers:g} CPUs but the cluster has {cpus:g}")
+        # Leave one CPU to Ray Data's read tasks, or trials wait forever for their data.
+        fits = max(1, int(max(cpus - 1, 1) // (per_worker * workers)))
+    if cfg.max_concurrent_trials:
+        return cfg.max_concurrent_trials
+    return fits
+
+
+def _search(cfg: TuneConfig):
+    from ray.tune.schedulers import ASHAScheduler
+
+    search_alg = None
+    if cfg.search.algorithm == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(metric=cfg.metric, mode=cfg.mode, seed=cfg.search.seed)
+    scheduler = None
+    if cfg.scheduler.type == "asha":
+        max_t = int(cfg.base.get("epochs", TrainConfig.model_fields["epochs"].default))
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(max_t, cfg.scheduler.grace_period),
+                                  grace_period=cfg.scheduler.grace_period,
+                                  reduction_factor=cfg.scheduler.reduction_factor)
+    return search_alg, scheduler
+
+
+def _results_table(grid, cfg: TuneConfig):
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        df = result.metrics_dataframe
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id"), "status": "ERROR" if result.error else "TERMINATED"}
+        row.update({f"config.{k}": v for k, v in (result.config or {}).items() if k != "_setup"})
+        if df is not None and cfg.metric in df:
+            best = df.loc[df[cfg.metric].idxmin() if cfg.mode == "min" else df[cfg.metric].idxmax()]
+            row.update(best_metric=float(best[cfg.metric]), best_epoch=int(best.get("epoch", 0)),
+                       epochs_run=int(df["epoch"].max()) if "epoch" in df else len(df))
+            for col in ("val_categorical_accuracy", "val_loss", "loss"):
+                if col in df:
+                    row[f"at_best.{col}"] = float(best[col])
+            row["checkpoint_path"] = df["checkpoint_path"].dropna().iloc[-1] if "checkpoint_path" in df else None
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if "best_metric" in table:
+        table = table.sort_values("best_metric", ascending=cfg.mode == "min", na_position="last")
+    table.insert(0, "rank", range(1, len(table) + 1))
+    return table.reset_index(drop=True)
+
+
+def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run (or continue) the search described by `config_path`; returns the summary."""
+    import ray.tune
+    from ray.train import Checkpoint
+
+    from emotion_ray import tracking
+    from emotion_ray.runtime import init_ray
+    from emotion_ray.train import _run_storage, export_run, resolve_dataset
+
+    cfg = load_tune_config(config_path, overrides)
+    init_ray()
+    concurrency = _check_resources(cfg)
+    probe = cfg.train_config({})
+    dataset_uri, manifest = resolve_dataset(probe, cfg.experiment_dir)
+
+    parent_run_id = None
+    if cfg.mlflow.enabled:
+        parent_run_id = tracking.start_run(cfg.mlflow, f"tune_{cfg.name}", cfg.model_dump(mode="json"), resume=True)
+    setup = {"tune": cfg.model_dump(mode="json"), "dataset_uri": dataset_uri, "manifest": manifest,
+             "parent_run_id": parent_run_id}
+    param_space = {key: dist.to_tune() for key, dist in cfg.space.items()}
+    param_space["_setup"] = setup
+    # The trial function only drives its TensorflowTrainer; the workers hold the CPUs.
+    trainable = ray.tune.with_resources(_trial, {"cpu": 0})
+    storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
+    storage_path, storage_fs = _run_storage(storage_probe)
+    experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir
+
+    if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
+        print(f"continuing tuning experiment {cfg.experiment_dir}")
+        tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
+                                       param_space=param_space, storage_filesystem=storage_fs)
+    else:
+        search_alg, scheduler = _search(cfg)
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=ray.tune.TuneConfig(
+                metric=cfg.metric, mode=cfg.mode, num_samples=cfg.num_samples, search_alg=search_alg,
+                scheduler=scheduler, max_concurrent_trials=concurrency, time_budget_s=cfg.time_budget_s,
+            ),
+            run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path,
+                                          storage_filesystem=storage_fs, verbose=1),
+        )
+    grid = tuner.fit()
+
+    table = _results_table(grid, cfg)
+    out = cfg.experiment_dir
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        table.to_parquet(os.path.join(tmp, "trials.parquet"), index=False)
+        table.to_csv(os.path.join(tmp, "trials.csv"), index=False)
+        for name in ("trials.parquet", "trials.csv"):
+            storage.upload_file(os.path.join(tmp, name), storage.join(out, name), cfg.storage)
+    ranked = table.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in table else table.iloc[0:0]
+    if ranked.empty:
+        raise RuntimeError(f"no trial of {cfg.name} produced a checkpoint; see the trial errors above")
+    best = ranked.iloc[0]
+    sampled = {k[len("config."):]: _plain(v) for k, v in best.items() if k.startswith("config.")}
+    best_cfg = cfg.train_config(sampled, run_name=None)
+    best_train = best_cfg.model_dump(mode="json", exclude={"run_name", "resume", "mlflow_parent_run_id"})
+    best_train["output"] = storage.join(out, "best_config_runs")
+    storage.write_bytes_atomic(storage.join(out, "best_train_config.yaml"),
+                               yaml.safe_dump(best_train, sort_keys=False).encode(), cfg.storage)
+
+    fs = storage.pyarrow_filesystem(out, cfg.storage)
+    checkpoint = Checkpoint(storage.strip_scheme(best["checkpoint_path"]) if storage.is_s3(best["checkpoint_path"])
+                            else best["checkpoint_path"], filesystem=fs)
+    metrics = export_run(checkpoint, best_cfg, dataset_uri, manifest, storage.join(out, "best"), parent_run_id)
+    return {
+        "experiment": out,
+        "trials": len(table),
+        "best_trial": best["trial_id"],
+        "best_config": sampled,
+        f"best_{cfg.metric}": float(best["best_metric"]),
+        "best_train_config": storage.join(out, "best_train_config.yaml"),
+        "best_model": storage.join(out, "best", "model.keras"),
+        "best_test_accuracy": metrics["categorical_accuracy"],
+        "registered_model": metrics.get("registered_model"),
+    }
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars from pandas -> plain Python for YAML."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value

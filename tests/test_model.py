@@ -1,0 +1,59 @@
+"""Architectures: the seed's layers exactly, scaling inside, save/load round trip."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from emotion_ray.config import ModelConfig
+from emotion_ray.model import build_model, compile_model, load_model
+
+
+def test_seed_cnn_is_the_seed_architecture_with_rescaling_in_front():
+    model = build_model(ModelConfig(), 3, 256)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Rescaling", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
+                     "Flatten", "Dense", "Dense"]
+    convs = [layer for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert [c.filters for c in convs] == [16, 32, 16] and all(c.kernel_size == (3, 3) for c in convs)
+    dense = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    assert [d.units for d in dense] == [256, 3] and dense[-1].activation.__name__ == "softmax"
+    assert model.input_shape == (None, 256, 256, 3)
+    # 448 + 4,640 + 4,624 conv + 14,400*256+256 dense + 256*3+3 output, as the seed at 256x256x3
+    assert model.count_params() == 3_697_139
+
+
+def test_scaling_lives_in_the_model():
+    model = build_model(ModelConfig(), 3, 24)
+    rescale = model.layers[0]
+    assert np.isclose(rescale.scale, 1 / 255)
+    raw = np.random.default_rng(0).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    # Callers pass raw uint8 pixels; uint8 and the same values as float give the same output.
+    np.testing.assert_allclose(model.predict(raw, verbose=0), model.predict(raw.astype("float32"), verbose=0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["seed_cnn", "wide_cnn", "mobilenet_v2"])
+def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp_path):
+    cfg = ModelConfig(architecture=arch, dropout=0.2, augmentation={"enabled": True})
+    size = 32
+    model = compile_model(build_model(cfg, 3, size), 1e-3)
+    x = np.random.default_rng(1).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    before = model.predict(x, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    after = load_model(str(path)).predict(x, verbose=0)
+    np.testing.assert_array_equal(before, after)
+    assert np.allclose(before.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_backbone_weights_come_from_a_given_file(tmp_path):
+    from emotion_ray.model import keras
+
+    size = 32
+    source = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None, alpha=0.35)
+    weights = tmp_path / "backbone.weights.h5"
+    source.save_weights(weights)
+    model = build_model(ModelConfig(architecture="mobilenet_v2", backbone_weights=str(weights)), 3, size)
+    backbone = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
+    for a, b in zip(source.get_weights(), backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)

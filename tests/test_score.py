@@ -1,0 +1,177 @@
+"""Bulk scoring: one row per file, errors as rows, resume without duplicates or gaps, S3, predict == score."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
+from emotion_ray.demo import make_demo_dataset
+from emotion_ray.score import SUCCESS, predict, read_scores, score
+
+CLASSES = ["angry", "happy", "sad"]
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model."""
+    from emotion_ray.config import ModelConfig
+    from emotion_ray.model import build_model
+
+    run = tmp_path_factory.mktemp("run")
+    build_model(ModelConfig(), len(CLASSES), SIZE).save(run / "model.keras")
+    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    return run
+
+
+@pytest.fixture()
+def images_with_bad_files(tmp_path) -> Path:
+    root = tmp_path / "to_score"
+    make_demo_dataset(root, per_class=5, seed=7, canvas=64)
+    (root / "happy" / "empty.jpg").write_bytes(b"")
+    (root / "sad" / "not_really.png").write_bytes(b"plain text")
+    good = (root / "angry" / "angry_00000.jpg").read_bytes()
+    (root / "angry" / "cut.jpg").write_bytes(good[:200])
+    (root / "notes.txt").write_text("ignored: not an image")
+    return root
+
+
+def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
+                                batch_size=4), show_progress=False)
+    table = read_scores(str(out)).to_pylist()
+    files = sorted(str(p) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert sorted(r["path"] for r in table) == files  # every image file exactly once
+    errors = {Path(r["path"]).name: r["error"].split(":")[0] for r in table if r["error"]}
+    assert errors == {"empty.jpg": "empty", "not_really.png": "not_an_image", "cut.jpg": "truncated"}
+    for r in table:
+        if r["error"]:
+            assert r["label"] is None and r["prob_happy"] is None
+        else:
+            probs = [r[f"prob_{c}"] for c in CLASSES]
+            assert r["label"] == CLASSES[int(np.argmax(probs))] and r["confidence"] == max(probs)
+            assert abs(sum(probs) - 1) < 1e-4 and r["width"] == 64 and r["height"] == 64
+            assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
+    assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
+    assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
+    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    assert {"path", "label", "confidence", "prob_angry", "prob_happy", "prob_sad", "model_id", "width", "height",
+            "error", "scored_at"} <= set(schema.names)
+
+
+def test_path_list_input_and_missing_files_are_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{images_with_bad_files / 'happy' / 'happy_00001.jpg'}\n# a comment\n{tmp_path / 'gone.jpg'}\n")
+    out = tmp_path / "scores"
+    score(ScoreConfig(model=str(model_dir / "model.keras"), inputs=[str(listing)], output=str(out)),
+          show_progress=False)
+    rows = {Path(r["path"]).name: r for r in read_scores(str(out)).to_pylist()}
+    assert set(rows) == {"happy_00001.jpg", "gone.jpg"}
+    assert rows["gone.jpg"]["error"].startswith("unreadable: FileNotFoundError")
+
+
+def test_rerun_is_idempotent_and_refuses_foreign_output(ray_session, model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
+    first = score(cfg, show_progress=False)
+    again = score(cfg, show_progress=False)
+    assert again["scored_now"] == 0 and again["rows"] == first["rows"]
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "keep.csv").write_text("x")
+    with pytest.raises(ConfigError, match="refusing"):
+        score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(foreign)))
+
+
+def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_session, model_dir, tmp_path):
+    images = tmp_path / "many"
+    make_demo_dataset(images, per_class=40, seed=8, canvas=48)
+    out = tmp_path / "scores"
+    cmd = [sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir), "--input", str(images),
+           "--output", str(out), "--batch-size", "4", "--set", "rows_per_file=8"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while len(list(out.glob("part-*.parquet"))) < 2:
+        assert time.time() < deadline and proc.poll() is None, "scoring ended before it could be interrupted"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_scores(str(out)).num_rows
+    assert 0 < partial < 120 and not (out / SUCCESS).exists()
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / SUCCESS).read_text())
+    assert summary["already_scored"] == partial and summary["scored_now"] == 120 - partial
+    paths = read_scores(str(out))["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 120
+
+
+def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out), batch_size=8),
+          show_progress=False)
+    scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
+    some = sorted(scored)[:5]
+    for result in predict(str(model_dir), some):
+        row = scored[result["path"]]
+        assert result["label"] == row["label"] and result["error"] == row["error"]
+        for c in CLASSES:
+            assert result["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close
+
+
+def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
+    image = str(images_with_bad_files / "sad" / "sad_00000.jpg")
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", image, "--model", str(model_dir),
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    [row] = json.loads(res.stdout)
+    assert row["label"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
+
+
+def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp_path):
+    import s3fs
+
+    local = tmp_path / "imgs"
+    make_demo_dataset(local, per_class=3, seed=9, canvas=48)
+    (local / "sad" / "bad.jpg").write_bytes(b"nope")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    fs.put(str(local) + "/", f"{s3_bucket}/in/", recursive=True)
+    fs.put(str(model_dir) + "/", f"{s3_bucket}/model/", recursive=True)
+    store = StorageConfig(s3_endpoint_url=s3_endpoint)
+    summary = score(ScoreConfig(model=f"s3://{s3_bucket}/model", inputs=[f"s3://{s3_bucket}/in"],
+                                output=f"s3://{s3_bucket}/out", storage=store), show_progress=False)
+    assert summary["rows"] == 10 and summary["errors"] == {"not_an_image": 1}
+    rows = read_scores(f"s3://{s3_bucket}/out", store).to_pylist()
+    assert len(rows) == 10 and all(r["path"].startswith(f"s3://{s3_bucket}/in/") for r in rows)
+    assert fs.exists(f"{s3_bucket}/out/{SUCCESS}")
+
+
+def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_with_bad_files, tmp_path):
+    from emotion_ray import tracking
+    from emotion_ray.config import MlflowConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mcfg = MlflowConfig(tracking_uri=uri, experiment="score-tests", registered_model_name="scorable")
+    run_id = tracking.start_run(mcfg, "r", {"a": 1})
+    export = tmp_path / "export"
+    shutil.copytree(model_dir, export)
+    assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
+    direct = predict(str(model_dir), [str(images_with_bad_files / "angry" / "angry_00001.jpg")])
+    via_registry = predict("models:/scorable/1", [str(images_with_bad_files / "angry" / "angry_00001.jpg")],
+                           tracking_uri=uri)
+    assert via_registry[0]["probabilities"] == direct[0]["probabilities"]
