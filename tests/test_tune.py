@@ -1,0 +1,107 @@
+"""Tuning: validation up front, the smoke search end to end, resume after the driver is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from emotion_ray.config import ConfigError, TrainConfig, load_config
+from emotion_ray.tune import load_tune_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "tune_configs" / "smoke.yaml"
+
+
+def test_shipped_configs_validate():
+    for path in (ROOT / "tune_configs").glob("*.yaml"):
+        load_tune_config(str(path))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"space": {"learning_rat": {"loguniform": [0.001, 0.01]}}}, "learning_rat: unknown key"),
+        ({"space": {"learning_rate": {"loguniform": [0.0, 0.01]}}}, "loguniform needs low > 0"),
+        ({"space": {"learning_rate": {"uniform": [0.1, 0.01]}}}, "low < high"),
+        ({"space": {"model.dropout": {"choice": [0.2, 1.5]}}}, "model.dropout"),
+        ({"space": {"lr": {"normal": [0, 1]}}}, "normal: unknown key"),
+        ({"num_samplez": 3}, "num_samplez: unknown key"),
+        ({"search": {"algorithm": "optuna"}, "space": {"batch_size": {"grid": [8, 16]}}}, "Optuna samples"),
+        ({"base": {"workers": 4}}, "not under base"),
+    ],
+)
+def test_bad_config_fails_fast_with_a_clear_message(override, message):
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw.update(override)
+    with pytest.raises(ConfigError, match=message):
+        from emotion_ray.config import build_config
+        from emotion_ray.tune import TuneConfig
+
+        build_config(TuneConfig, raw)
+
+
+def test_impossible_resources_fail_before_any_trial(ray_session, tmp_path):
+    res = subprocess.run(
+        [sys.executable, "-m", "emotion_ray.cli", "tune", "--config", str(SMOKE), "--set", "trial.use_gpu=true",
+         "--set", f"output={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
+    )
+    assert res.returncode == 2 and "GPU" in res.stderr
+    assert not (tmp_path / "smoke").exists()
+
+
+@pytest.mark.slow
+def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_session, prepared_demo, tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "emotion_ray.cli", "tune", "--config", str(SMOKE),
+           "--set", f"data={prepared_demo}", "--set", f"output={tmp_path}",
+           "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+    experiment = tmp_path / "smoke"
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    # Kill the driver once the first trial has checkpointed, while later trials are pending.
+    while not list(experiment.glob("train_runs/*/checkpoint_*")):
+        assert time.time() < deadline and proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.2)
+    time.sleep(5)  # let Tune save its experiment state once
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (experiment / "trials.csv").exists()
+
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "continuing tuning experiment" in res.stdout
+
+    trials = pd.read_csv(experiment / "trials.csv")
+    assert len(trials) == 3 and list(trials["rank"]) == [1, 2, 3]
+    assert trials["best_metric"].is_monotonic_increasing  # ranked by val_loss, min first
+    assert len(pd.read_parquet(experiment / "trials.parquet")) == 3
+    assert (experiment / "best" / "model.keras").exists() and (experiment / "best" / "metrics.json").exists()
+
+    # The best config is a train config that `emotion-ray train --config` accepts unchanged.
+    best = load_config(TrainConfig, str(experiment / "best_train_config.yaml"))
+    assert best.learning_rate == pytest.approx(trials.loc[0, "config.learning_rate"])
+    from emotion_ray.train import run_training
+
+    result = run_training(best.model_copy(update={"epochs": 1, "run_name": "from_best", "mlflow": best.mlflow.model_copy(update={"enabled": False})}))
+    assert (Path(result["run_dir"]) / "model.keras").exists()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name("emotion_ray_tune")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.info.run_name == "tune_smoke"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
+    assert len(parent) == 1 and len(children) == 3
+    assert client.get_latest_versions("emotion_cnn_tuned")
