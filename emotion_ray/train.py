@@ -199,16 +199,23 @@ def resolve_dataset(cfg: TrainConfig, run_dir: str) -> tuple[str, dict[str, Any]
     return dataset_uri, read_manifest(dataset_uri, cfg.storage)
 
 
-def worker_cpus(workers: int, use_gpu: bool, trials: int = 1) -> float:
-    """Default CPU reservation per worker: 1, but leave one CPU free for Ray Data on small clusters."""
+TRIAL_DRIVER_CPUS = 0.01  # what tune.py reserves for each trial's driver function
+
+
+def worker_cpus(workers: int, use_gpu: bool, trials: int = 0) -> float:
+    """Default CPU reservation per worker: 1, but on small CPU-only clusters less, so that one
+    whole CPU stays free for Ray Data's read tasks (`trials` concurrent Tune trial drivers
+    are counted too)."""
     import ray
 
     cluster_cpus = ray.cluster_resources().get("CPU", 0)
-    if use_gpu or cluster_cpus - 1 >= workers * trials:
+    free = cluster_cpus - 1 - TRIAL_DRIVER_CPUS * trials
+    groups = workers * max(trials, 1)
+    if use_gpu or free >= groups:
         return 1.0
     if cluster_cpus <= 1:
         return 1.0  # an autoscaling cluster's head: workers arrive with their own CPUs
-    return round(max(0.1, (cluster_cpus - 1) / (workers * trials)), 2)
+    return max(0.01, int(free / groups * 100) / 100)
 
 
 CACHE_BYTES_PER_WORKER = 2 * 1024**3

@@ -191,11 +191,11 @@ def _trial(config: dict[str, Any]) -> None:
         tracking.client(tcfg.mlflow.tracking_uri).set_terminated(mlflow_run_id, status="FINISHED")
 
 
-def _check_resources(cfg: TuneConfig) -> int:
-    """Fail fast on trials the cluster can never run; return how many may run at once."""
+def _check_resources(cfg: TuneConfig) -> tuple[int, float | None]:
+    """Fail fast on trials the cluster can never run; return (concurrent trials, CPUs per worker)."""
     import ray
 
-    from emotion_ray.train import worker_cpus
+    from emotion_ray.train import TRIAL_DRIVER_CPUS, worker_cpus
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
@@ -204,15 +204,16 @@ def _check_resources(cfg: TuneConfig) -> int:
         if gpus < workers:
             raise ConfigError(f"each trial wants {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s)")
         fits = int(gpus // workers)
-    else:
-        per_worker = cfg.trial.cpus_per_worker or worker_cpus(workers, False)
-        if per_worker * workers > cpus:
+        return cfg.max_concurrent_trials or fits, cfg.trial.cpus_per_worker
+    if cfg.trial.cpus_per_worker:
+        per_worker = cfg.trial.cpus_per_worker
+        if per_worker * workers + TRIAL_DRIVER_CPUS > cpus:
             raise ConfigError(f"each trial wants {per_worker * workers:g} CPUs but the cluster has {cpus:g}")
         # Leave one CPU to Ray Data's read tasks, or trials wait forever for their data.
-        fits = max(1, int(max(cpus - 1, 1) // (per_worker * workers)))
-    if cfg.max_concurrent_trials:
-        return cfg.max_concurrent_trials
-    return fits
+        fits = max(1, int((cpus - 1) // (per_worker * workers + TRIAL_DRIVER_CPUS)))
+        return cfg.max_concurrent_trials or fits, per_worker
+    trials = cfg.max_concurrent_trials or max(1, int((cpus - 1) // (workers + TRIAL_DRIVER_CPUS)))
+    return trials, worker_cpus(workers, False, trials=trials)
 
 
 def _search(cfg: TuneConfig):
@@ -263,11 +264,12 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
 
     from emotion_ray import tracking
     from emotion_ray.runtime import init_ray
-    from emotion_ray.train import _run_storage, export_run, resolve_dataset
+    from emotion_ray.train import TRIAL_DRIVER_CPUS, _run_storage, export_run, resolve_dataset
 
     cfg = load_tune_config(config_path, overrides)
     init_ray()
-    concurrency = _check_resources(cfg)
+    concurrency, cpus_per_worker = _check_resources(cfg)
+    cfg.trial.cpus_per_worker = cpus_per_worker  # one decision for every trial, made here
     probe = cfg.train_config({})
     dataset_uri, manifest = resolve_dataset(probe, cfg.experiment_dir)
 
@@ -278,8 +280,9 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
              "parent_run_id": parent_run_id}
     param_space = {key: dist.to_tune() for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    # The trial function only drives its TensorflowTrainer; the workers hold the CPUs.
-    trainable = ray.tune.with_resources(_trial, {"cpu": 0})
+    # The trial function only drives its TensorflowTrainer; the workers hold the CPUs. (Tune
+    # refuses an empty resource request, so the driver asks for a token 1% of a CPU.)
+    trainable = ray.tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPUS})
     storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
     storage_path, storage_fs = _run_storage(storage_probe)
     experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir

@@ -1,0 +1,157 @@
+"""Scoring throughput and memory.
+
+One run, same files, same model (the seed CNN at 256x256):
+  end-to-end `score` images/s  vs  (a) pure model.predict on preloaded tensors (the compute
+  limit; target >= 0.85x)  and  (b) the seed's way: read, resize, predict one image at a time
+  (target >= 10x).
+Peak memory scoring 1,000 vs 10,000 images (driver + Ray worker processes, sampled): ratio <= 1.2.
+Draft mode: pixel difference and prediction agreement with and without JPEG DCT scaling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+from PIL import Image
+
+from bench.common import WORK, demo_files, record
+from emotion_ray.config import ModelConfig, ScoreConfig
+from emotion_ray.runtime import init_ray
+
+SIZE = 256
+CLASSES = ["angry", "happy", "sad"]
+
+
+def model_dir() -> Path:
+    from emotion_ray.model import build_model
+
+    run = WORK / "score_model"
+    if not (run / "model.keras").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        build_model(ModelConfig(), 3, SIZE).save(run / "model.keras")
+        (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    return run
+
+
+def images_of(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.suffix in (".jpg", ".png"))
+
+
+def replicated(src: Path, copies: int) -> Path:
+    """`copies` x the files of `src` under new names (scoring cost does not depend on content)."""
+    out = WORK / f"score_x{copies}"
+    if not (out / ".done").exists():
+        shutil.rmtree(out, ignore_errors=True)
+        for k in range(copies):
+            for path in images_of(src):
+                dst = out / f"c{k}" / Path(path).relative_to(src)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, dst)
+        (out / ".done").write_text("ok")
+    return out
+
+
+def peak_rss_of_score(inputs: Path, output: Path) -> int:
+    """Peak summed RSS of a fresh `emotion-ray score` process and everything it starts."""
+    shutil.rmtree(output, ignore_errors=True)
+    proc = subprocess.Popen([sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir()),
+                             "--input", str(inputs), "--output", str(output)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    peak = 0
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    assert proc.returncode == 0
+    return peak
+
+
+def main() -> None:
+    from emotion_ray.images import decode_image
+    from emotion_ray.model import load_model
+    from emotion_ray.score import score
+
+    src = demo_files("score", per_class=334, canvas=512)
+    files = images_of(src)
+    model = load_model(str(model_dir() / "model.keras"))
+    init_ray()
+
+    # (a) compute limit: preloaded uint8 tensors, model.predict in batches of 64.
+    pixels = np.stack([decode_image(Path(f).read_bytes(), SIZE).pixels for f in files])
+    model.predict(pixels[:64], verbose=0)
+    start = time.perf_counter()
+    model.predict(pixels, batch_size=64, verbose=0)
+    compute_ips = len(files) / (time.perf_counter() - start)
+
+    # (b) the seed's way: one image at a time, read + resize + predict.
+    subset = files[:200]
+    start = time.perf_counter()
+    for f in subset:
+        img = np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE)))
+        model.predict(img[None], verbose=0)
+    seed_ips = len(subset) / (time.perf_counter() - start)
+
+    # End to end: Ray Data decode tasks + predictor actor, Parquet out.
+    out = WORK / "score_out"
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    summary = score(ScoreConfig(model=str(model_dir()), inputs=[str(src)], output=str(out)), show_progress=False)
+    e2e_ips = len(files) / (time.perf_counter() - start)
+    assert summary["rows"] == len(files)
+
+    # Draft mode: effect on pixels and predictions (the sources are 512px, the target 256px).
+    import emotion_ray.images as images_mod
+
+    jpegs = [f for f in files if f.endswith(".jpg")][:300]
+    diffs, agree = [], 0
+    for f in jpegs:
+        data = Path(f).read_bytes()
+        with_draft = decode_image(data, SIZE).pixels
+        img = Image.open(f)
+        img = images_mod._to_rgb(img).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+        without = np.asarray(img, dtype=np.uint8)
+        diffs.append(np.abs(with_draft.astype(int) - without.astype(int)).mean())
+        p = model.predict(np.stack([with_draft, without]), verbose=0)
+        agree += int(p[0].argmax() == p[1].argmax())
+
+    ray_kill = None
+    import ray
+
+    ray.shutdown()
+    del ray_kill
+    small = replicated(src, 1)
+    big = replicated(src, 10)
+    rss_small = peak_rss_of_score(small, WORK / "score_mem_small")
+    rss_big = peak_rss_of_score(big, WORK / "score_mem_big")
+
+    record("score", {
+        "files": len(files), "image_size": SIZE, "source_size": 512,
+        "compute_limit_images_per_s": round(compute_ips, 1),
+        "seed_one_at_a_time_images_per_s": round(seed_ips, 1),
+        "score_end_to_end_images_per_s": round(e2e_ips, 1),
+        "ratio_vs_compute_limit": round(e2e_ips / compute_ips, 2), "target_vs_compute_limit": 0.85,
+        "ratio_vs_seed_way": round(e2e_ips / seed_ips, 1), "target_vs_seed_way": 10,
+        "peak_rss_mb_1x": round(rss_small / 2**20), "peak_rss_mb_10x": round(rss_big / 2**20),
+        "files_1x": len(images_of(small)), "files_10x": len(images_of(big)),
+        "memory_ratio_10x_vs_1x": round(rss_big / rss_small, 2), "target_memory_ratio": 1.2,
+        "draft_mean_abs_pixel_diff": round(float(np.mean(diffs)), 2),
+        "draft_prediction_agreement": round(agree / len(jpegs), 3), "draft_images_compared": len(jpegs),
+    })
+
+
+if __name__ == "__main__":
+    main()

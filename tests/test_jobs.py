@@ -1,0 +1,113 @@
+"""`ray job submit` against a real local Ray head started by the test; cluster.yaml against Ray's schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from tests.conftest import BIN, free_port, wait_for_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(raw))  # Ray's own JSON schema, after Ray fills its AWS defaults
+    import ray
+
+    assert raw["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
+    assert "--dashboard-host=127.0.0.1" in " ".join(raw["head_start_ray_commands"])
+    assert all("RAY_AUTH_MODE=token" in c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"]
+               if "ray start" in c)
+    ingress = raw["provider"]["security_group"]["IpPermissions"]
+    assert [p["FromPort"] for p in ingress] == [22] and "0.0.0.0/0" not in json.dumps(ingress)
+    text = (ROOT / "cluster.yaml").read_text()
+    assert "aws_secret_access_key" not in text.lower() and "IamInstanceProfile" in text
+    assert {"gpu_workers", "cpu_workers"} <= set(raw["available_node_types"])
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """`ray start --head` with its own ports and temp dir; stopped by the processes it started."""
+    temp_dir = tempfile.mkdtemp(prefix="rayhead_", dir="/tmp")
+    ports = {"--port": free_port(), "--dashboard-port": free_port(), "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(), "--min-worker-port": 20000, "--max-worker-port": 20999}
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--num-cpus", "2", "--include-dashboard", "true",
+           "--dashboard-host", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats"]
+    for flag, port in ports.items():
+        cmd += [flag, str(port)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{ports['--dashboard-port']}"
+    try:
+        wait_for_port(ports["--dashboard-port"], timeout=120)
+        yield address, env
+    finally:
+        mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
+        for proc in mine:
+            proc.terminate()
+        psutil.wait_procs(mine, timeout=30)
+        for proc in mine:
+            if proc.is_running():
+                proc.kill()
+
+
+def submit(address: str, env: dict, *args: str, timeout: float = 900) -> str:
+    """`ray job submit` a jobs/ entry point, wait for it, return its logs; fail with them if it failed."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    job_id = f"test_{uuid.uuid4().hex[:8]}"
+    runtime_env = {"env_vars": {"TF_USE_LEGACY_KERAS": "1", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+                                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}}
+    subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", address, "--submission-id", job_id, "--no-wait",
+         "--working-dir", str(ROOT), "--runtime-env-json", json.dumps(runtime_env), "--", sys.executable, *args],
+        env=env, check=True, capture_output=True, text=True, timeout=300,
+    )
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    client = JobSubmissionClient(address)
+    deadline = time.time() + timeout
+    while (status := client.get_job_status(job_id)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+        assert time.time() < deadline, f"job {job_id} still {status}"
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    return logs
+
+
+@pytest.mark.slow
+def test_prepare_train_score_via_ray_job_submit(ray_head, tmp_path):
+    from emotion_ray.demo import make_demo_dataset
+
+    address, env = ray_head
+    images = tmp_path / "images"
+    make_demo_dataset(images, per_class=30, seed=11, canvas=64)
+    dataset, runs, scores = tmp_path / "dataset", tmp_path / "runs", tmp_path / "scores"
+
+    logs = submit(address, env, "jobs/prepare.py", "--input", str(images), "--output", str(dataset),
+                  "--image-size", "32")
+    assert "prepared dataset" in logs and json.loads((dataset / "manifest.json").read_text())["rows"] == 90
+
+    logs = submit(address, env, "jobs/train.py", "--data", str(dataset), "--output", str(runs), "--run-name", "job",
+                  "--workers", "2", "--epochs", "2", "--batch-size", "16",
+                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
+    metrics = json.loads((runs / "job" / "metrics.json").read_text())
+    assert metrics["epochs_run"] == 2 and (runs / "job" / "model.keras").exists()
+
+    submit(address, env, "jobs/score.py", "--model", str(runs / "job"), "--input", str(images),
+           "--output", str(scores))
+    summary = json.loads((scores / "_SUCCESS.json").read_text())
+    assert summary["rows"] == 90 and summary["errors"] == {}
