@@ -168,50 +168,49 @@ def _claim_output(cfg: PrepareConfig) -> None:
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
-    """Read back the small columns of what was written, write rejects.parquet, build the manifest."""
+    """Count what was written (Arrow aggregations over the small columns only: no pixels, no
+    per-row Python objects), move rejects into rejects.parquet, and build the manifest."""
+    import pyarrow.compute as pc
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
     fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
     base = storage.strip_scheme(cfg.output)
-    shards: dict[str, list[str]] = {}
-    tables = []
-    for split in (*SPLITS, REJECTED):
-        folder = f"{base}/split={split}"
-        info = fs.get_file_info(pa.fs.FileSelector(folder, allow_not_found=True, recursive=True))
-        files = sorted(i.path for i in info if i.type == pa.fs.FileType.File and i.path.endswith(".parquet"))
-        shards[split] = files
-        if files:
-            columns = ["label", "path", "content_hash", "reject_reason"]
-            t = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-            tables.append(t.append_column("split", pa.array([split] * t.num_rows, pa.string())))
-    table = pa.concat_tables(tables) if tables else pa.table({"label": [], "split": []})
-    rows = table.to_pylist()
 
-    rejects = [r for r in rows if r["split"] == REJECTED]
-    reject_table = pa.table(
-        {
-            "path": [r["path"] for r in rejects],
-            "reason": [r["reject_reason"].split(":", 1)[0] for r in rejects],
-            "detail": [r["reject_reason"] for r in rejects],
-        },
-        schema=pa.schema([("path", pa.string()), ("reason", pa.string()), ("detail", pa.string())]),
-    )
+    def shard_files(split: str) -> list[str]:
+        info = fs.get_file_info(pa.fs.FileSelector(f"{base}/split={split}", allow_not_found=True, recursive=True))
+        return sorted(i.path for i in info if i.type == pa.fs.FileType.File and i.path.endswith(".parquet"))
+
+    def read(files: list[str], columns: list[str]) -> pa.Table:
+        return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+    shards = {split: shard_files(split) for split in SPLITS}
+    counts = {s: {c: 0 for c in cfg.classes} for s in SPLITS}
+    kept_tables = []
+    for split in SPLITS:
+        if shards[split]:
+            t = read(shards[split], ["label", "content_hash"])
+            for row in t.group_by("label").aggregate([("label", "count")]).to_pylist():
+                counts[split][row["label"]] = row["label_count"]
+            kept_tables.append(t)
+    kept = pa.concat_tables(kept_tables) if kept_tables else pa.table({"label": pa.array([], pa.string()),
+                                                                         "content_hash": pa.array([], pa.string())})
+    groups = kept.group_by("content_hash").aggregate([("label", "count"), ("label", "count_distinct")])
+    dup_groups = groups.filter(pc.greater(groups["label_count"], 1))
+
+    rejected_files = shard_files(REJECTED)
+    if rejected_files:
+        r = read(rejected_files, ["path", "reject_reason"])
+        detail = r["reject_reason"]
+        reason = pc.list_element(pc.split_pattern(detail, ":", max_splits=1), 0)
+        reject_table = pa.table({"path": r["path"], "reason": reason, "detail": detail})
+    else:
+        reject_table = pa.table({n: pa.array([], pa.string()) for n in ("path", "reason", "detail")})
     with fs.open_output_stream(f"{base}/{REJECTS}") as out:
         pq.write_table(reject_table, out)
     # The rejected partition only carried reject rows through the one streaming pass.
     storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
 
-    kept = [r for r in rows if r["split"] != REJECTED]
-    counts = {s: {c: 0 for c in cfg.classes} for s in SPLITS}
-    for r in kept:
-        counts[r["split"]][r["label"]] += 1
-    by_hash: dict[str, set] = {}
-    hash_count: Counter = Counter()
-    for r in kept:
-        by_hash.setdefault(r["content_hash"], set()).add(r["label"])
-        hash_count[r["content_hash"]] += 1
-    dup_groups = [h for h, n in hash_count.items() if n > 1]
     rel = lambda p: posixpath.relpath(p, base)  # noqa: E731
     return {
         "format_version": 1,
@@ -224,15 +223,16 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "split_method": "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions",
         "sources": cfg.inputs,
         "files_found": listing.found,
-        "rows": len(kept),
+        "rows": kept.num_rows,
         "counts": counts,
         "split_rows": {s: sum(counts[s].values()) for s in SPLITS},
         "duplicates": {
-            "duplicate_rows": sum(hash_count[h] - 1 for h in dup_groups),
-            "groups": len(dup_groups),
-            "groups_with_conflicting_labels": sum(1 for h in dup_groups if len(by_hash[h]) > 1),
+            "duplicate_rows": int(pc.sum(pc.subtract(dup_groups["label_count"], 1)).as_py() or 0),
+            "groups": dup_groups.num_rows,
+            "groups_with_conflicting_labels": int(pc.sum(pc.greater(dup_groups["label_count_distinct"], 1)).as_py() or 0),
         },
-        "rejects": {"count": len(rejects), "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
+        "rejects": {"count": reject_table.num_rows,
+                    "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
         "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
     }

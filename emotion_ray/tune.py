@@ -268,6 +268,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
 
     cfg = load_tune_config(config_path, overrides)
     init_ray()
+    user_cpus_per_worker = cfg.trial.cpus_per_worker
     concurrency, cpus_per_worker = _check_resources(cfg)
     cfg.trial.cpus_per_worker = cpus_per_worker  # one decision for every trial, made here
     probe = cfg.train_config({})
@@ -322,6 +323,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     best_cfg = cfg.train_config(sampled, run_name=None)
     best_train = best_cfg.model_dump(mode="json", exclude={"run_name", "resume", "mlflow_parent_run_id"})
     best_train["output"] = storage.join(out, "best_config_runs")
+    best_train["cpus_per_worker"] = user_cpus_per_worker  # let `train` size workers for its own cluster
     storage.write_bytes_atomic(storage.join(out, "best_train_config.yaml"),
                                yaml.safe_dump(best_train, sort_keys=False).encode(), cfg.storage)
 

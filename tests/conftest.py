@@ -49,7 +49,7 @@ def wait_for_port(port: int, timeout: float = 60) -> None:
 def ray_session():
     import ray
 
-    runtime.init_ray()
+    runtime.init_ray("local")  # a private instance, even while a test's `ray start` head runs
     yield ray
     ray.shutdown()
 

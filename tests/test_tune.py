@@ -90,6 +90,7 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
 
     # The best config is a train config that `emotion-ray train --config` accepts unchanged.
     best = load_config(TrainConfig, str(experiment / "best_train_config.yaml"))
+    assert best.cpus_per_worker is None  # sized by `train` for its own cluster
     assert best.learning_rate == pytest.approx(trials.loc[0, "config.learning_rate"])
     from emotion_ray.train import run_training
 
