@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from emotion_ray import __version__, storage
 from emotion_ray.config import ConfigError, PrepareConfig, StorageConfig
-from emotion_ray.images import decode_image, has_image_extension
+from emotion_ray.images import has_image_extension, read_and_decode
 
 MANIFEST = "manifest.json"
 OWNER_MARKER = "_emotion_ray_dataset"
@@ -125,19 +125,14 @@ def decode_batch(
     for path, label, label_index in zip(
         batch["path"].to_pylist(), batch["label"].to_pylist(), batch["label_index"].to_pylist()
     ):
-        image, digest, split, reason = None, None, REJECTED, None
-        try:
-            data = storage.read_bytes(path, storage_cfg)
-        except Exception as exc:  # noqa: BLE001 - unreadable is a reject, not a crash
-            reason = f"unreadable: {type(exc).__name__}: {exc}"
-        else:
-            digest = hashlib.sha256(data).hexdigest()
-            decoded = decode_image(data, image_size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
-            if decoded.error:
-                reason = decoded.error
-            else:
-                image = decoded.pixels.tobytes()
-                split = split_of(digest, fractions)
+        data, decoded = read_and_decode(
+            lambda: storage.read_bytes(path, storage_cfg), image_size,
+            max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+        )
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        image = decoded.pixels.tobytes() if decoded.pixels is not None else None
+        split = split_of(digest, fractions) if image is not None else REJECTED
+        reason = decoded.error
         for name, value in zip(
             ROW_SCHEMA.names, (image, label_index, label, path, digest, split, reason)
         ):

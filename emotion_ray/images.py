@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -41,6 +42,21 @@ class Decoded:
     width: int | None  # original size, before resize
     height: int | None
     error: str | None = None
+
+
+def read_and_decode(
+    read: Callable[[], bytes], size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+) -> tuple[bytes | None, Decoded]:
+    """`read()` the file's bytes, then `decode_image` them; a failed read is an `unreadable` result.
+
+    Returns the bytes too (None when unreadable) so callers can hash what they decoded.
+    """
+    try:
+        data = read()
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is a result, not a crash
+        return None, Decoded(None, None, None, f"unreadable: {type(exc).__name__}: {exc}")
+    return data, decode_image(data, size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
 
 
 def has_image_extension(path: str) -> bool:

@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
-from emotion_ray.images import decode_image, has_image_extension
+from emotion_ray.images import has_image_extension, read_and_decode
 
 SUCCESS = "_SUCCESS.json"
 OWNER_MARKER = "_emotion_ray_scores"
@@ -115,15 +115,12 @@ def decode_paths(batch: pa.Table, image_size: int, max_pixels: int, max_file_byt
     """Read and decode a batch of paths; a file that cannot be used becomes an error row."""
     rows: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for path in batch["path"].to_pylist():
-        image = width = height = error = None
-        try:
-            data = storage.read_bytes(path, storage_cfg)
-        except Exception as exc:  # noqa: BLE001 - one unreadable file is a row, not a dead job
-            error = f"unreadable: {type(exc).__name__}: {exc}"
-        else:
-            decoded = decode_image(data, image_size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
-            width, height, error = decoded.width, decoded.height, decoded.error
-            image = decoded.pixels.tobytes() if decoded.pixels is not None else None
+        _, decoded = read_and_decode(
+            lambda: storage.read_bytes(path, storage_cfg), image_size,
+            max_pixels=max_pixels, max_file_bytes=max_file_bytes,
+        )
+        width, height, error = decoded.width, decoded.height, decoded.error
+        image = decoded.pixels.tobytes() if decoded.pixels is not None else None
         for name, value in zip(DECODED_SCHEMA.names, (path, image, width, height, error)):
             rows[name].append(value)
     return pa.table(rows, schema=DECODED_SCHEMA)
