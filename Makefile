@@ -32,9 +32,9 @@ test: install
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python bench/prepare.py
-	$(BIN)/python bench/train.py
-	$(BIN)/python bench/score.py
+	$(BIN)/python -m bench.prepare
+	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.score
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

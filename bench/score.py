@@ -105,13 +105,17 @@ def main() -> None:
         model.predict(img[None], verbose=0)
     seed_ips = len(subset) / (time.perf_counter() - start)
 
-    # End to end: Ray Data decode tasks + predictor actor, Parquet out.
-    out = WORK / "score_out"
-    shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
-    summary = score(ScoreConfig(model=str(model_dir()), inputs=[str(src)], output=str(out)), show_progress=False)
-    e2e_ips = len(files) / (time.perf_counter() - start)
-    assert summary["rows"] == len(files)
+    # End to end: Ray Data decode tasks + predictor actor, Parquet out. Cold: Ray's workers and
+    # the predictor start inside the timing; warm: a second run on the started cluster.
+    e2e = []
+    for attempt in ("cold", "warm"):
+        out = WORK / f"score_out_{attempt}"
+        shutil.rmtree(out, ignore_errors=True)
+        start = time.perf_counter()
+        summary = score(ScoreConfig(model=str(model_dir()), inputs=[str(src)], output=str(out)), show_progress=False)
+        e2e.append(len(files) / (time.perf_counter() - start))
+        assert summary["rows"] == len(files)
+    e2e_cold, e2e_ips = e2e
 
     # Draft mode: effect on pixels and predictions (the sources are 512px, the target 256px).
     import emotion_ray.images as images_mod
@@ -128,11 +132,9 @@ def main() -> None:
         p = model.predict(np.stack([with_draft, without]), verbose=0)
         agree += int(p[0].argmax() == p[1].argmax())
 
-    ray_kill = None
     import ray
 
-    ray.shutdown()
-    del ray_kill
+    ray.shutdown()  # the memory runs start their own Ray, as a user's command would
     small = replicated(src, 1)
     big = replicated(src, 10)
     rss_small = peak_rss_of_score(small, WORK / "score_mem_small")
@@ -142,7 +144,8 @@ def main() -> None:
         "files": len(files), "image_size": SIZE, "source_size": 512,
         "compute_limit_images_per_s": round(compute_ips, 1),
         "seed_one_at_a_time_images_per_s": round(seed_ips, 1),
-        "score_end_to_end_images_per_s": round(e2e_ips, 1),
+        "score_end_to_end_cold_images_per_s": round(e2e_cold, 1),
+        "score_end_to_end_warm_images_per_s": round(e2e_ips, 1),
         "ratio_vs_compute_limit": round(e2e_ips / compute_ips, 2), "target_vs_compute_limit": 0.85,
         "ratio_vs_seed_way": round(e2e_ips / seed_ips, 1), "target_vs_seed_way": 10,
         "peak_rss_mb_1x": round(rss_small / 2**20), "peak_rss_mb_10x": round(rss_big / 2**20),

@@ -35,6 +35,7 @@ REJECTS = "rejects.parquet"
 SPLITS = ("train", "val", "test")
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
+BLOCK_BYTES = 64 * 1024**2
 
 ROW_SCHEMA = pa.schema(
     [
@@ -233,10 +234,26 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     }
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the prepare stage; returns the manifest. The input trees are only ever read."""
+def listing_dataset(files: pa.Table, image_size: int):
+    """A Ray Dataset over listed files, in blocks sized for decoding.
+
+    Blocks hold ~64 MiB of decoded pixels: big enough that per-task overhead vanishes (this
+    doubled throughput against 64-row blocks in bench/prepare.py), small enough to stream;
+    and there are at least two per CPU so every core stays busy. The blocks are built
+    directly, with no shuffle stage.
+    """
     import ray
 
+    n = files.num_rows
+    rows_per_block = max(16, min(1000, BLOCK_BYTES // (image_size**2 * 3)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    num_blocks = max(1, min(n, max(cpus * 2, math.ceil(n / rows_per_block))))
+    step = math.ceil(n / num_blocks)
+    return ray.data.from_arrow([files.slice(i, step) for i in range(0, n, step)])
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Run the prepare stage; returns the manifest. The input trees are only ever read."""
     from emotion_ray.runtime import init_ray
 
     listing = list_labelled_files(cfg)
@@ -246,10 +263,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     # Shards in folder order would hold one class each; training streams shards with only a
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
-    n = len(listing.files)
-    # Enough blocks to keep every CPU busy, small enough that a block's pixels stay modest.
-    num_blocks = max(1, min(n, max(int(ray.cluster_resources().get("CPU", 1)) * 4, math.ceil(n / 64))))
-    ds = ray.data.from_arrow(pa.Table.from_pylist(listing.files)).repartition(num_blocks)
+    ds = listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
     ds = ds.map_batches(
         decode_batch,
         batch_format="pyarrow",

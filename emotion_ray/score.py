@@ -32,9 +32,11 @@ import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
+from emotion_ray.data import listing_dataset
 from emotion_ray.images import has_image_extension, read_and_decode
 
 SUCCESS = "_SUCCESS.json"
+DECODE_TASK_MEMORY = 256 * 1024**2
 OWNER_MARKER = "_emotion_ray_scores"
 DECODED_SCHEMA = pa.schema(
     [("path", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
@@ -153,15 +155,18 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         classes, size = self.ref.classes, self.ref.image_size
-        images = batch["image"].to_pylist()
-        ok = [i for i, img in enumerate(images) if img is not None]
-        pixels = (np.frombuffer(b"".join(images[i] for i in ok), dtype=np.uint8).reshape(-1, size, size, 3)
-                  if ok else np.zeros((0, size, size, 3), np.uint8))
-        probs = np.full((len(images), len(classes)), np.nan, dtype=np.float32)
+        column = batch["image"].combine_chunks()
+        good = column.is_valid().to_numpy(zero_copy_only=False)
+        ok = np.flatnonzero(good)
+        # Fixed-size raw pixels: view the Arrow data buffer directly instead of copying per row.
+        present = column.drop_null()
+        start = present.offset * size * size * 3
+        pixels = np.frombuffer(present.buffers()[2], dtype=np.uint8)[start : start + len(present) * size * size * 3]
+        pixels = pixels.reshape(-1, size, size, 3)
+        probs = np.full((len(column), len(classes)), np.nan, dtype=np.float32)
         probs[ok] = self.probabilities(pixels)
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-        good = np.zeros(len(images), dtype=bool)
-        good[ok] = True
+        images = column
         columns = {
             "path": batch["path"],
             "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
@@ -252,13 +257,15 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file)
     if todo:
         init_ray()
-        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        num_blocks = max(1, min(len(todo), max(cpus * 4, -(-len(todo) // 256))))
-        ds = ray.data.from_arrow(pa.table({"path": todo})).repartition(num_blocks)
+        ds = listing_dataset(pa.table({"path": todo}), model_ref.image_size)
         ds = ds.map_batches(
             decode_paths,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
+            # Declaring the pixels a decode task holds also keeps Ray Data from fusing decoding
+            # into the predictor actors (identical remote args fuse): decoding then runs on
+            # every free CPU instead of serially inside the few actors that hold the model.
+            memory=DECODE_TASK_MEMORY,
             fn_kwargs={"image_size": model_ref.image_size, "max_pixels": cfg.max_pixels,
                        "max_file_bytes": cfg.max_file_bytes, "storage_cfg": cfg.storage},
         )
