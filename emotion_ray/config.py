@@ -162,6 +162,12 @@ class ScoreConfig(StrictModel):
     gpus_per_predictor: float = Field(1.0, gt=0)
     cpus_per_predictor: float = Field(1.0, ge=0)
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
+    max_inflight_bytes: int = Field(
+        1024**3,
+        ge=64 * 1024**2,
+        description="Object-store bytes the pipeline may hold at once (decoded images waiting for a "
+        "predictor): keeps memory flat however many files there are.",
+    )
     max_pixels: int = Field(50_000_000, gt=0)
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
     mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)

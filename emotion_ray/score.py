@@ -258,6 +258,10 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     if todo:
         init_ray()
         ds = listing_dataset(pa.table({"path": todo}), model_ref.image_size)
+        # Decoding outruns prediction on CPUs: without a cap the backlog of decoded images grows
+        # with the input until it fills Ray Data's default budget (a large share of RAM).
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(object_store_memory=cfg.max_inflight_bytes)
         ds = ds.map_batches(
             decode_paths,
             batch_format="pyarrow",

@@ -86,7 +86,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     classes, image_size = loop_config["classes"], loop_config["image_size"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    threads = max(1, int(loop_config["cpus_per_worker"]))
+    # The workers on a node share its cores (the CPU reservation is only a scheduling hint,
+    # often below one CPU here to leave Ray Data room): one worker per node uses them all.
+    threads = max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size())
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.keras.utils.set_random_seed(cfg.seed)
@@ -255,7 +257,6 @@ def build_trainer(
             "classes": manifest["classes"],
             "image_size": manifest["image_size"],
             "mlflow_run_id": mlflow_run_id,
-            "cpus_per_worker": cpus_per_worker,
             "cache_rows_per_worker": _cache_rows(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
