@@ -157,16 +157,15 @@ class Predictor:
         classes, size = self.ref.classes, self.ref.image_size
         column = batch["image"].combine_chunks()
         good = column.is_valid().to_numpy(zero_copy_only=False)
-        ok = np.flatnonzero(good)
-        # Fixed-size raw pixels: view the Arrow data buffer directly instead of copying per row.
-        present = column.drop_null()
-        start = present.offset * size * size * 3
-        pixels = np.frombuffer(present.buffers()[2], dtype=np.uint8)[start : start + len(present) * size * size * 3]
-        pixels = pixels.reshape(-1, size, size, 3)
         probs = np.full((len(column), len(classes)), np.nan, dtype=np.float32)
-        probs[ok] = self.probabilities(pixels)
+        present = column.drop_null()
+        if len(present):
+            # Every decoded image has the same byte length: view Arrow's data buffer between the
+            # first and last offsets instead of copying row by row.
+            offsets = np.frombuffer(present.buffers()[1], dtype=np.int32)[present.offset : present.offset + len(present) + 1]
+            data = np.frombuffer(present.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+            probs[good] = self.probabilities(data.reshape(-1, size, size, 3))
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-        images = column
         columns = {
             "path": batch["path"],
             "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
@@ -175,10 +174,10 @@ class Predictor:
         }
         for j, c in enumerate(classes):
             columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
-        columns["model_id"] = pa.array([self.ref.model_id] * len(images), pa.string())
+        columns["model_id"] = pa.array([self.ref.model_id] * len(column), pa.string())
         columns["width"], columns["height"], columns["error"] = batch["width"], batch["height"], batch["error"]
         now = dt.datetime.now(dt.timezone.utc)
-        columns["scored_at"] = pa.array([now] * len(images), pa.timestamp("us", tz="UTC"))
+        columns["scored_at"] = pa.array([now] * len(column), pa.timestamp("us", tz="UTC"))
         return pa.table(columns)
 
 

@@ -18,14 +18,16 @@ from emotion_ray.config import ConfigError, TrainConfig
 from emotion_ray.train import run_training
 
 pytestmark = pytest.mark.slow
-# Measured on this 2-core machine: 0.85-1.0 test accuracy on the 48px demo set after <= 14 epochs.
-# Chance is 1/3; 0.6 leaves a wide margin for run-to-run noise on a ~30-image test split.
+# Measured on this 2-core machine: 0.85-1.0 test accuracy on the 48px demo set. Chance is 1/3;
+# 0.6 leaves a wide margin for run-to-run noise on a ~25-image test split. At lr 1e-3 with 8
+# images per worker step the seed CNN sometimes collapsed to one class (loss stuck at ln 3)
+# in CI, so the test trains at 5e-4 for up to 20 epochs.
 MIN_TEST_ACCURACY = 0.6
 
 
 def train_config(prepared, out, **overrides) -> TrainConfig:
-    base = dict(data=str(prepared), output=str(out), workers=2, epochs=14, batch_size=16, learning_rate=1e-3,
-                early_stopping_patience=4, mlflow={"enabled": False})
+    base = dict(data=str(prepared), output=str(out), workers=2, epochs=20, batch_size=16, learning_rate=5e-4,
+                early_stopping_patience=6, mlflow={"enabled": False})
     base.update(overrides)
     return TrainConfig.model_validate(base)
 
@@ -85,7 +87,7 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(result["mlflow_run_id"])
     assert run.info.status == "FINISHED"
-    assert run.data.params["learning_rate"] == "0.001" and run.data.params["model.architecture"] == "seed_cnn"
+    assert run.data.params["learning_rate"] == "0.0005" and run.data.params["model.architecture"] == "seed_cnn"
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
     assert len(val_loss) == result["epochs_run"]
     assert run.data.metrics["test_categorical_accuracy"] == pytest.approx(result["categorical_accuracy"])
@@ -93,6 +95,14 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png"} <= artifacts
     assert result["registered_model"] == "models:/test_emotion/1"
     assert client.get_model_version("test_emotion", "1").status == "READY"
+
+
+def _registered_checkpoints(run_dir: Path) -> list:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return snapshot.get("checkpoint_results") or []
 
 
 def _train_worker_pids() -> list[int]:
@@ -109,8 +119,10 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(ray_se
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_training, cfg)
         deadline = time.time() + 600
-        while not list((tmp_path / "fault").glob("checkpoint_*")):
-            assert time.time() < deadline and not future.done(), "no checkpoint appeared"
+        # A checkpoint folder appears while it uploads; the controller's snapshot lists it only
+        # once registered, and only a registered checkpoint is what a restarted group resumes from.
+        while not _registered_checkpoints(tmp_path / "fault"):
+            assert time.time() < deadline and not future.done(), "no checkpoint was registered"
             time.sleep(0.1)
         pids = _train_worker_pids()
         assert len(pids) == 2
