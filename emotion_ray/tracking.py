@@ -32,7 +32,15 @@ def client(tracking_uri: str):
 def experiment_id(cfg: MlflowConfig) -> str:
     c = client(cfg.tracking_uri)
     found = c.get_experiment_by_name(cfg.experiment)
-    return found.experiment_id if found else c.create_experiment(cfg.experiment)
+    if found:
+        return found.experiment_id
+    artifact_location = None
+    if cfg.tracking_uri.startswith("sqlite:///"):
+        # Beside the database, not ./mlruns of whatever directory a command ran in (MLflow 3
+        # also mistakes a ./mlruns folder for the retired file store).
+        db = cfg.tracking_uri[len("sqlite:///"):]
+        artifact_location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts", cfg.experiment)
+    return c.create_experiment(cfg.experiment, artifact_location=artifact_location)
 
 
 def start_run(cfg: MlflowConfig, run_name: str, params: dict[str, Any], parent_run_id: str | None = None,

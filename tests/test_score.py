@@ -171,6 +171,7 @@ def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_wi
     export = tmp_path / "export"
     shutil.copytree(model_dir, export)
     assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
+    assert list((tmp_path / "mlartifacts" / "score-tests").rglob("model.keras")), "artifacts belong beside the db"
     image = str(sorted((images_with_bad_files / "angry").glob("angry_*"))[0])
     direct = predict(str(model_dir), [image])
     via_registry = predict("models:/scorable/1", [image], tracking_uri=uri)
