@@ -23,7 +23,6 @@ def test_unknown_key_is_named():
 
 def test_splits_must_sum_to_one():
     with pytest.raises(ConfigError, match="sum to 1"):
-        PrepareConfig.model_validate  # noqa: B018 - keep the import used in both paths
         build_config(PrepareConfig, {"inputs": ["a"], "output": "b", "splits": {"train": 0.9, "val": 0.2, "test": 0.1}})
 
 
