@@ -185,14 +185,13 @@ def resolve_dataset(cfg: TrainConfig, run_dir: str) -> tuple[str, dict[str, Any]
     from emotion_ray.data import is_prepared, prepare, read_manifest
 
     if is_prepared(cfg.data, cfg.storage):
-        if cfg.image_size is not None:
-            manifest = read_manifest(cfg.data, cfg.storage)
-            if manifest["image_size"] != cfg.image_size:
-                raise ConfigError(
-                    f"image_size {cfg.image_size} differs from the prepared dataset's {manifest['image_size']}; "
-                    "re-run prepare to change it"
-                )
-        return cfg.data, read_manifest(cfg.data, cfg.storage)
+        manifest = read_manifest(cfg.data, cfg.storage)
+        if cfg.image_size is not None and manifest["image_size"] != cfg.image_size:
+            raise ConfigError(
+                f"image_size {cfg.image_size} differs from the prepared dataset's {manifest['image_size']}; "
+                "re-run prepare to change it"
+            )
+        return cfg.data, manifest
     dataset_uri = storage.join(run_dir, "dataset")
     if not is_prepared(dataset_uri, cfg.storage):
         prepare_cfg = PrepareConfig(inputs=[cfg.data], output=dataset_uri, image_size=cfg.image_size or 256,
