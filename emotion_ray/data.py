@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from emotion_ray import __version__, storage
 from emotion_ray.config import ConfigError, PrepareConfig, StorageConfig
-from emotion_ray.images import has_image_extension, read_and_decode
+from emotion_ray.images import has_image_extension, pixels_to_arrow, read_and_decode
 
 MANIFEST = "manifest.json"
 OWNER_MARKER = "_emotion_ray_dataset"
@@ -122,45 +122,33 @@ def decode_batch(
     storage_cfg: StorageConfig,
 ) -> pa.Table:
     """Ray Data UDF: read and decode a batch of listed files. Bad files become reject rows."""
-    columns: dict[str, list] = {name: [] for name in ROW_SCHEMA.names}
-    for path, label, label_index in zip(
-        batch["path"].to_pylist(), batch["label"].to_pylist(), batch["label_index"].to_pylist()
-    ):
+    pixels, digests, splits, reasons = [], [], [], []
+    for path in batch["path"].to_pylist():
         data, decoded = read_and_decode(
             lambda: storage.read_bytes(path, storage_cfg), image_size,
             max_pixels=max_pixels, max_file_bytes=max_file_bytes,
         )
         digest = hashlib.sha256(data).hexdigest() if data is not None else None
-        image = decoded.pixels.tobytes() if decoded.pixels is not None else None
-        split = split_of(digest, fractions) if image is not None else REJECTED
-        reason = decoded.error
-        for name, value in zip(
-            ROW_SCHEMA.names, (image, label_index, label, path, digest, split, reason)
-        ):
-            columns[name].append(value)
-    return pa.table(columns, schema=ROW_SCHEMA)
+        pixels.append(decoded.pixels)
+        digests.append(digest)
+        splits.append(split_of(digest, fractions) if decoded.pixels is not None else REJECTED)
+        reasons.append(decoded.error)
+    columns = [pixels_to_arrow(pixels),
+               pa.array(batch["label_index"].to_pylist(), pa.int32()),
+               pa.array(batch["label"].to_pylist(), pa.string()),
+               pa.array(batch["path"].to_pylist(), pa.string()),
+               pa.array(digests, pa.string()), pa.array(splits, pa.string()), pa.array(reasons, pa.string())]
+    return pa.Table.from_arrays(columns, schema=ROW_SCHEMA)
 
 
 def _claim_output(cfg: PrepareConfig) -> None:
     """Make `output` ours and empty. Never deletes anything that emotion_ray did not write."""
-    names = storage.listdir_names(cfg.output, cfg.storage)
-    if names:
-        if OWNER_MARKER not in names:
-            raise ConfigError(
-                f"output {cfg.output} is not empty and is not an emotion_ray dataset; "
-                "refusing to write into it (choose an empty or new folder)"
-            )
-        if MANIFEST in names and not cfg.overwrite:
-            raise ConfigError(f"output {cfg.output} already holds a prepared dataset; pass --overwrite to replace it")
-        # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
-        for name in [MANIFEST] + [n for n in names if n not in (MANIFEST, OWNER_MARKER)]:
-            storage.remove(storage.join(cfg.output, name), cfg.storage, recursive=True)
-    storage.makedirs(cfg.output, cfg.storage)
-    storage.write_json_atomic(
-        storage.join(cfg.output, OWNER_MARKER),
-        {"written_by": f"emotion_ray {__version__}", "note": "this folder is managed by emotion-ray prepare"},
-        cfg.storage,
-    )
+    names = storage.claim_folder(cfg.output, OWNER_MARKER, "prepare", cfg.storage)
+    if MANIFEST in names and not cfg.overwrite:
+        raise ConfigError(f"output {cfg.output} already holds a prepared dataset; pass --overwrite to replace it")
+    # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
+    for name in [n for n in names if n == MANIFEST] + [n for n in names if n not in (MANIFEST, OWNER_MARKER)]:
+        storage.remove(storage.join(cfg.output, name), cfg.storage, recursive=True)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:

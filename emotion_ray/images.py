@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
@@ -103,7 +104,10 @@ def decode_image(
                 return Decoded(None, width, height, f"too_large: {width}x{height} pixels > limit {max_pixels}")
             if img.format == "JPEG" and min(width, height) >= 2 * size:
                 img.draft("RGB", (size, size))
-            img = ImageOps.exif_transpose(img)  # loads the pixels; truncation surfaces here
+            img.load()  # truncation surfaces here
+            # in_place: without it Pillow returns a full copy even when there is nothing to rotate
+            # (10% of the whole decode for a 512px JPEG).
+            ImageOps.exif_transpose(img, in_place=True)
             img = _to_rgb(img)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
@@ -123,3 +127,39 @@ def decode_image(
     if pixels.shape != (size, size, 3):
         return Decoded(None, width, height, f"corrupt: decoded shape {pixels.shape}")
     return Decoded(pixels, width, height)
+
+
+def pixels_to_arrow(images: list[np.ndarray | None]) -> pa.BinaryArray:
+    """Decoded images (None for a failed one) -> an Arrow binary column, null where None.
+
+    Each image is copied once, straight into the column's data buffer (building it from
+    `tobytes()` values costs two more copies: a tenth of the decode time at 256x256).
+    """
+    lengths = np.fromiter((0 if im is None else im.nbytes for im in images), dtype=np.int64, count=len(images))
+    offsets = np.zeros(len(images) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] >= 2**31:
+        raise ValueError("batch too large for one Arrow binary column: use a smaller batch size")
+    data = np.empty(offsets[-1], dtype=np.uint8)
+    for im, start, length in zip(images, offsets, lengths):
+        if im is not None:
+            data[start : start + length] = im.reshape(-1)
+    validity = pa.array([im is not None for im in images], pa.bool_()).buffers()[1]
+    return pa.Array.from_buffers(pa.binary(), len(images), [validity, pa.py_buffer(offsets.astype(np.int32)),
+                                                            pa.py_buffer(data)])
+
+
+def pixels_from_arrow(column: pa.Array | pa.ChunkedArray, size: int) -> np.ndarray:
+    """The non-null images of a binary column as one (N, size, size, 3) uint8 array.
+
+    Every image has the same byte length, so the valid rows are contiguous in Arrow's data
+    buffer: a view between the first and last offsets, no per-row copy.
+    """
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    present = column.drop_null()
+    if not len(present):
+        return np.zeros((0, size, size, 3), dtype=np.uint8)
+    offsets = np.frombuffer(present.buffers()[1], dtype=np.int32)[present.offset : present.offset + len(present) + 1]
+    data = np.frombuffer(present.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
+    return data.reshape(-1, size, size, 3)

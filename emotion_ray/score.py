@@ -33,7 +33,7 @@ import pyarrow as pa
 from emotion_ray import storage
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
 from emotion_ray.data import listing_dataset
-from emotion_ray.images import has_image_extension, read_and_decode
+from emotion_ray.images import has_image_extension, pixels_from_arrow, pixels_to_arrow, read_and_decode
 
 SUCCESS = "_SUCCESS.json"
 DECODE_TASK_MEMORY = 256 * 1024**2
@@ -115,17 +115,20 @@ def list_inputs(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
 def decode_paths(batch: pa.Table, image_size: int, max_pixels: int, max_file_bytes: int,
                  storage_cfg: StorageConfig) -> pa.Table:
     """Read and decode a batch of paths; a file that cannot be used becomes an error row."""
-    rows: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
-    for path in batch["path"].to_pylist():
-        _, decoded = read_and_decode(
-            lambda: storage.read_bytes(path, storage_cfg), image_size,
-            max_pixels=max_pixels, max_file_bytes=max_file_bytes,
-        )
-        width, height, error = decoded.width, decoded.height, decoded.error
-        image = decoded.pixels.tobytes() if decoded.pixels is not None else None
-        for name, value in zip(DECODED_SCHEMA.names, (path, image, width, height, error)):
-            rows[name].append(value)
-    return pa.table(rows, schema=DECODED_SCHEMA)
+    paths = batch["path"].to_pylist()
+    decoded = [
+        read_and_decode(lambda: storage.read_bytes(path, storage_cfg), image_size,
+                        max_pixels=max_pixels, max_file_bytes=max_file_bytes)[1]
+        for path in paths
+    ]
+    columns = [
+        pa.array(paths, pa.string()),
+        pixels_to_arrow([d.pixels for d in decoded]),
+        pa.array([d.width for d in decoded], pa.int32()),
+        pa.array([d.height for d in decoded], pa.int32()),
+        pa.array([d.error for d in decoded], pa.string()),
+    ]
+    return pa.Table.from_arrays(columns, schema=DECODED_SCHEMA)
 
 
 class Predictor:
@@ -155,16 +158,11 @@ class Predictor:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         classes, size = self.ref.classes, self.ref.image_size
-        column = batch["image"].combine_chunks()
+        column = batch["image"]
         good = column.is_valid().to_numpy(zero_copy_only=False)
         probs = np.full((len(column), len(classes)), np.nan, dtype=np.float32)
-        present = column.drop_null()
-        if len(present):
-            # Every decoded image has the same byte length: view Arrow's data buffer between the
-            # first and last offsets instead of copying row by row.
-            offsets = np.frombuffer(present.buffers()[1], dtype=np.int32)[present.offset : present.offset + len(present) + 1]
-            data = np.frombuffer(present.buffers()[2], dtype=np.uint8)[offsets[0] : offsets[-1]]
-            probs[good] = self.probabilities(data.reshape(-1, size, size, 3))
+        if good.any():
+            probs[good] = self.probabilities(pixels_from_arrow(column, size))
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
         columns = {
             "path": batch["path"],
@@ -226,15 +224,13 @@ def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: 
 
 
 def _claim_output(cfg: ScoreConfig) -> None:
-    names = storage.listdir_names(cfg.output, cfg.storage)
-    if names and OWNER_MARKER not in names:
-        raise ConfigError(f"output {cfg.output} is not empty and holds no earlier scores; refusing to write into it")
-    storage.remove(storage.join(cfg.output, SUCCESS), cfg.storage)  # incomplete until this run ends
-    storage.makedirs(cfg.output, cfg.storage)
+    """Make `output` ours; earlier part files stay (they are what a re-run resumes from)."""
+    names = storage.claim_folder(cfg.output, OWNER_MARKER, "score", cfg.storage)
+    if SUCCESS in names:
+        storage.remove(storage.join(cfg.output, SUCCESS), cfg.storage)  # incomplete until this run ends
     for name in names:  # temp files of a write that was interrupted (ours; never complete)
         if ".tmp-" in name:
             storage.remove(storage.join(cfg.output, name), cfg.storage)
-    storage.write_json_atomic(storage.join(cfg.output, OWNER_MARKER), {"written_by": "emotion-ray score"}, cfg.storage)
 
 
 def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:

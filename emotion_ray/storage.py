@@ -17,7 +17,8 @@ from typing import Any
 import fsspec
 import pyarrow.fs as pafs
 
-from emotion_ray.config import StorageConfig
+from emotion_ray import __version__
+from emotion_ray.config import ConfigError, StorageConfig
 
 
 def is_s3(uri: str) -> bool:
@@ -122,3 +123,21 @@ def listdir_names(uri: str, storage: StorageConfig | None = None) -> list[str]:
     if not fs.exists(path):
         return []
     return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+
+
+def claim_folder(uri: str, marker: str, owner: str, storage: StorageConfig | None = None) -> list[str]:
+    """Make `uri` a folder that `owner` may write into, or refuse.
+
+    The rule that keeps users' data safe: write only into a folder that is empty or carries
+    our `marker` file (left by an earlier run of the same stage); anything else is refused
+    untouched. Returns the names already there, for the caller's own cleanup, and (re)writes
+    the marker.
+    """
+    names = listdir_names(uri, storage)
+    if names and marker not in names:
+        raise ConfigError(f"output {uri} is not empty and is not an emotion_ray {owner} output; "
+                          "refusing to write into it (choose an empty or new folder)")
+    makedirs(uri, storage)
+    write_json_atomic(join(uri, marker), {"written_by": f"emotion_ray {__version__}",
+                                          "note": f"this folder is managed by emotion-ray {owner}"}, storage)
+    return names

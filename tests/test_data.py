@@ -157,7 +157,7 @@ def test_output_safety_rules(ray_session, tmp_path):
     foreign = tmp_path / "users_folder"
     foreign.mkdir()
     (foreign / "thesis.docx").write_text("precious")
-    with pytest.raises(ConfigError, match="not an emotion_ray dataset"):
+    with pytest.raises(ConfigError, match="not an emotion_ray prepare output"):
         prepare(PrepareConfig(inputs=[str(root)], output=str(foreign), image_size=16))
     assert (foreign / "thesis.docx").read_text() == "precious"
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emotion_ray.images import ALPHA_BACKGROUND, decode_image, has_image_extension
+import pyarrow as pa
+
+from emotion_ray.images import ALPHA_BACKGROUND, decode_image, has_image_extension, pixels_from_arrow, pixels_to_arrow
 
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
@@ -119,3 +121,16 @@ def test_gif_and_webp_and_bmp_decode():
 def test_extension_matching_is_case_insensitive():
     assert has_image_extension("a/B.JPG") and has_image_extension("x.WebP")
     assert not has_image_extension("notes.txt") and not has_image_extension("jpg")
+
+
+def test_pixels_round_trip_through_arrow_with_failed_rows():
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), None,
+              rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), None]
+    column = pixels_to_arrow(images)
+    assert column.null_count == 2 and len(column) == 4
+    assert column[0].as_py() == images[0].tobytes() and column[2].as_py() == images[2].tobytes()
+    back = pixels_from_arrow(pa.chunked_array([column.slice(0, 1), column.slice(1)]), 8)
+    np.testing.assert_array_equal(back, np.stack([images[0], images[2]]))
+    np.testing.assert_array_equal(pixels_from_arrow(column.slice(2), 8), images[2][None])  # offset slice
+    assert pixels_from_arrow(pixels_to_arrow([None]), 8).shape == (0, 8, 8, 3)
