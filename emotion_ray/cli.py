@@ -51,7 +51,7 @@ TRAIN_FLAGS: list[Flag] = [
 ]
 SCORE_FLAGS: list[Flag] = [
     ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
-    ("--input", "inputs", {"nargs": "+", "help": "folders, s3:// prefixes, or .txt files of paths"}),
+    ("--input", "inputs", {"nargs": "+", "help": "folders, s3:// prefixes, .zip/.tar archives, or .txt files of paths"}),
     ("--output", "output", {"help": "Parquet folder or s3:// prefix"}),
     ("--batch-size", "batch_size", {"type": int}),
     ("--num-predictors", "num_predictors", {"type": int}),
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key of the YAML")
     p.set_defaults(func=cmd_tune)
 
-    p = sub.add_parser("score", help="batch inference over folders/prefixes -> Parquet")
+    p = sub.add_parser("score", help="batch inference over folders/prefixes/archives -> Parquet")
     _add_flags(p, SCORE_FLAGS)
     p.set_defaults(func=cmd_score)
 

@@ -154,7 +154,7 @@ class TrainConfig(StrictModel):
 
 class ScoreConfig(StrictModel):
     model: str = Field(description="Run directory, .keras file (local or s3://) or models:/name/version.")
-    inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, or .txt files listing paths.")
+    inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, .zip/.tar archives, or .txt files listing paths.")
     output: str = Field(description="Folder or s3:// prefix for the Parquet predictions.")
     batch_size: int = Field(64, ge=1, description="Images per model call.")
     num_predictors: int = Field(1, ge=1, description="Predictor actors (one model copy each).")

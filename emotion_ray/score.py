@@ -18,6 +18,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import tempfile
@@ -34,6 +35,8 @@ from emotion_ray import storage
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
 from emotion_ray.data import listing_dataset
 from emotion_ray.images import has_image_extension, pixels_from_arrow, pixels_to_arrow, read_and_decode
+
+log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
 DECODE_TASK_MEMORY = 256 * 1024**2
@@ -82,11 +85,24 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
 def list_inputs(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
     """Every image to score, sorted and de-duplicated, and what was skipped by reason.
 
-    Folders and prefixes contribute their image files (hidden ones skipped); a `.txt` file
-    contributes every path it lists, image extension or not, since the user named them.
+    Folders and prefixes contribute their image files; zip and tar archives (.zip, .tar,
+    .tar.gz, .tgz, ...) their image members, read in place; hidden files and folders are
+    skipped. A `.txt` file contributes every path it lists, image extension or not, since the
+    user named them. An archive that cannot be opened is skipped and counted, not fatal.
     """
     paths: set[str] = set()
     skipped: Counter = Counter()
+
+    def add_tree(names, base: str, to_uri) -> None:
+        for name in names:
+            rel = posixpath.relpath(name, base) if base else name
+            if any(part.startswith(".") for part in rel.split("/")):
+                skipped["hidden"] += 1
+            elif not has_image_extension(name):
+                skipped["not_an_image_extension"] += 1
+            else:
+                paths.add(to_uri(name))
+
     for item in inputs:
         fs = storage.filesystem(item, storage_cfg)
         base = storage.strip_scheme(item)
@@ -96,15 +112,16 @@ def list_inputs(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
                 line = line.strip()
                 if line and not line.startswith("#"):
                     paths.add(line)
+        elif storage.archive_protocol(item) and fs.isfile(base):
+            try:
+                members = storage.archive_filesystem(item, storage_cfg, fresh=True).find("", withdirs=False)
+            except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
+                log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
+                skipped["unreadable_archive"] += 1
+                continue
+            add_tree(members, "", lambda member: storage.member_uri(item, member))
         elif fs.isdir(base):
-            for path in fs.find(base, withdirs=False):
-                rel = posixpath.relpath(path, base)
-                if any(part.startswith(".") for part in rel.split("/")):
-                    skipped["hidden"] += 1
-                elif not has_image_extension(path):
-                    skipped["not_an_image_extension"] += 1
-                else:
-                    paths.add(scheme + path)
+            add_tree(fs.find(base, withdirs=False), base, lambda path: scheme + path)
         elif fs.isfile(base):
             paths.add(scheme + base)
         else:

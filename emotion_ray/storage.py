@@ -47,6 +47,49 @@ def _s3fs(endpoint_url: str | None) -> fsspec.AbstractFileSystem:
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True)
 
 
+# Archives are read in place, never unpacked: a member is named by fsspec's chained-URL form,
+# e.g. zip://happy/a.jpg::s3://bucket/photos.zip, which is also what the output's path says.
+ARCHIVE_PROTOCOLS = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar",
+                     ".tar.bz2": "tar", ".tar.xz": "tar"}
+
+
+def archive_protocol(uri: str) -> str | None:
+    """'zip' or 'tar' when `uri` names an archive by its suffix, else None."""
+    lower = uri.lower()
+    return next((proto for suffix, proto in ARCHIVE_PROTOCOLS.items() if lower.endswith(suffix)), None)
+
+
+def member_uri(archive: str, member: str) -> str:
+    return f"{archive_protocol(archive)}://{member}::{archive}"
+
+
+def split_member_uri(uri: str) -> tuple[str, str] | None:
+    """(archive, member) for a member URI, else None."""
+    head, sep, archive = uri.partition("::")
+    proto, _, member = head.partition("://")
+    return (archive, member) if sep and proto in ("zip", "tar") else None
+
+
+def _open_archive(archive: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
+    target = filesystem(archive, StorageConfig(s3_endpoint_url=endpoint_url))
+    handle = target.open(strip_scheme(archive), "rb")
+    return fsspec.filesystem(archive_protocol(archive), fo=handle, skip_instance_cache=True)
+
+
+# Workers keep an archive open (with its member index) across the members a decode task reads;
+# an archive is assumed not to change while a job reads it.
+_cached_archive = lru_cache(maxsize=16)(_open_archive)
+
+
+def archive_filesystem(archive: str, storage: StorageConfig | None = None, fresh: bool = False
+                       ) -> fsspec.AbstractFileSystem:
+    """The archive's members as a read-only filesystem (member paths relative to its root).
+
+    `fresh` opens it anew (listing a job's inputs must see the archive as it is now)."""
+    endpoint = (storage or StorageConfig()).s3_endpoint_url
+    return _open_archive(archive, endpoint) if fresh else _cached_archive(archive, endpoint)
+
+
 def filesystem(uri: str, storage: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
     if is_s3(uri):
         return _s3fs((storage or StorageConfig()).s3_endpoint_url)
@@ -66,6 +109,10 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+    member = split_member_uri(uri)
+    if member:
+        archive, name = member
+        return archive_filesystem(archive, storage).cat_file(name)
     return filesystem(uri, storage).cat_file(strip_scheme(uri))
 
 

@@ -72,6 +72,49 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             "error", "scored_at"} <= set(schema.names)
 
 
+def _tree_hash(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images_with_bad_files, tmp_path):
+    import tarfile
+    import zipfile
+
+    (images_with_bad_files / ".cache").mkdir()
+    (images_with_bad_files / ".cache" / "thumb.jpg").write_bytes(b"hidden")
+    members = sorted(str(p.relative_to(images_with_bad_files)) for p in images_with_bad_files.rglob("*") if p.is_file())
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    with zipfile.ZipFile(archives / "photos.zip", "w") as zf:
+        for name in members:
+            zf.write(images_with_bad_files / name, name)
+    with tarfile.open(archives / "photos.tar.gz", "w:gz") as tf:
+        for name in members:
+            tf.add(images_with_bad_files / name, arcname=name)
+    (archives / "damaged.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    before = _tree_hash(archives)
+
+    inputs = [str(archives / n) for n in ("photos.zip", "photos.tar.gz", "damaged.zip")]
+    out = tmp_path / "scores"
+    summary = score(ScoreConfig(model=str(model_dir), inputs=inputs, output=str(out)), show_progress=False)
+    rows = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
+    images = [m for m in members if m.endswith((".jpg", ".png")) and not m.startswith(".")]
+    expected = {f"{proto}://{m}::{archives / name}" for proto, name in (("zip", "photos.zip"), ("tar", "photos.tar.gz"))
+                for m in images}
+    assert set(rows) == expected  # one row per image member of each archive, named fsspec-style
+    errors = sorted(r["error"].split(":")[0] for r in rows.values() if r["error"])
+    assert errors == sorted(["empty", "not_an_image", "truncated"] * 2)
+    assert summary["skipped_inputs"] == {"unreadable_archive": 1, "hidden": 2, "not_an_image_extension": 2}
+    assert _tree_hash(archives) == before  # read in place, never unpacked or changed
+
+    # A member scores exactly as the same file on disk does (one preprocessing path).
+    member = f"zip://happy/happy_00002.jpg::{archives / 'photos.zip'}"
+    [on_disk] = predict(str(model_dir), [str(images_with_bad_files / "happy" / "happy_00002.jpg")])
+    assert [rows[member][f"prob_{c}"] for c in CLASSES] == [on_disk["probabilities"][c] for c in CLASSES]
+
+
 def test_path_list_input_and_missing_files_are_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
     listing = tmp_path / "list.txt"
     listing.write_text(f"{images_with_bad_files / 'happy' / 'happy_00001.jpg'}\n# a comment\n{tmp_path / 'gone.jpg'}\n")
@@ -152,12 +195,21 @@ def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     fs.put(str(local) + "/", f"{s3_bucket}/in/", recursive=True)
     fs.put(str(model_dir) + "/", f"{s3_bucket}/model/", recursive=True)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "sad.zip", "w") as zf:
+        for p in sorted((local / "sad").iterdir()):
+            zf.write(p, f"sad/{p.name}")
+    fs.put(str(tmp_path / "sad.zip"), f"{s3_bucket}/archives/sad.zip")
     store = StorageConfig(s3_endpoint_url=s3_endpoint)
-    summary = score(ScoreConfig(model=f"s3://{s3_bucket}/model", inputs=[f"s3://{s3_bucket}/in"],
+    archive = f"s3://{s3_bucket}/archives/sad.zip"
+    summary = score(ScoreConfig(model=f"s3://{s3_bucket}/model", inputs=[f"s3://{s3_bucket}/in", archive],
                                 output=f"s3://{s3_bucket}/out", storage=store), show_progress=False)
-    assert summary["rows"] == 10 and summary["errors"] == {"not_an_image": 1}
+    assert summary["rows"] == 14 and summary["errors"] == {"not_an_image": 2}
     rows = read_scores(f"s3://{s3_bucket}/out", store).to_pylist()
-    assert len(rows) == 10 and all(r["path"].startswith(f"s3://{s3_bucket}/in/") for r in rows)
+    assert sorted(r["path"].split("::")[-1] if "::" in r["path"] else "folder" for r in rows) == \
+        ["folder"] * 10 + [archive] * 4
+    assert all(r["path"].startswith((f"s3://{s3_bucket}/in/", "zip://sad/")) for r in rows)
     assert fs.exists(f"{s3_bucket}/out/{SUCCESS}")
 
 
