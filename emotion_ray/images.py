@@ -108,6 +108,10 @@ def decode_image(
             # in_place: without it Pillow returns a full copy even when there is nothing to rotate
             # (10% of the whole decode for a 512px JPEG).
             ImageOps.exif_transpose(img, in_place=True)
+            if img.mode == "L" and img.size != (size, size):
+                # Grey: resize one channel, then replicate it (the same pixels as converting
+                # first, at a third of the cost; greyscale face datasets are common).
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
             img = _to_rgb(img)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)

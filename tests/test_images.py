@@ -134,3 +134,9 @@ def test_pixels_round_trip_through_arrow_with_failed_rows():
     np.testing.assert_array_equal(back, np.stack([images[0], images[2]]))
     np.testing.assert_array_equal(pixels_from_arrow(column.slice(2), 8), images[2][None])  # offset slice
     assert pixels_from_arrow(pixels_to_arrow([None]), 8).shape == (0, 8, 8, 3)
+
+
+def test_grey_images_resize_before_rgb_with_identical_pixels():
+    grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90), dtype=np.uint8), "L")
+    reference = np.asarray(grey.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(decode_image(encode(grey, "PNG"), 32).pixels, reference)
