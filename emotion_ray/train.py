@@ -168,6 +168,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             callbacks=[ReportEachEpoch()],
             verbose=0,
         )
+    else:
+        # Restored after its last epoch: the driver died before the run was recorded as ended
+        # (a Tune trial killed with its experiment). Report the final epoch again, so whoever
+        # waits for metrics (Tune's scheduler, `train --resume`) gets them; its checkpoint is
+        # already registered.
+        ray.train.report({**state["history"][-1], "best_val_loss": state["best_val_loss"]}, checkpoint=None)
 
 
 # ----------------------------------------------------------------------------- driver side

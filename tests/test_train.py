@@ -145,6 +145,11 @@ def test_resume_continues_a_stopped_run(ray_session, prepared_demo, tmp_path):
                                         early_stopping_patience=10))
     assert resumed["training_starts"] == [0, 2]
     assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2, 3, 4]
+    # Resuming a run that had already finished trains nothing and reports its last epoch again.
+    again = run_training(train_config(prepared_demo, tmp_path, run_name="r", epochs=4, resume=True,
+                                      early_stopping_patience=10))
+    assert again["epochs_run"] == 4 and again["training_starts"] == [0, 2]  # the same checkpoint
+    assert again["categorical_accuracy"] == resumed["categorical_accuracy"]
 
 
 def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path):

@@ -79,7 +79,10 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     assert not (experiment / "trials.csv").exists()
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    output = res.stdout + res.stderr
+    (tmp_path / "second.log").write_text(output)
+    traceback_at = output.rfind("Traceback")  # Tune's tables would push the cause out of view
+    assert res.returncode == 0, output[traceback_at : traceback_at + 8000] if traceback_at >= 0 else output[-8000:]
     assert "continuing tuning experiment" in res.stdout
 
     trials = pd.read_csv(experiment / "trials.csv")
