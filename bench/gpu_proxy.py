@@ -71,10 +71,10 @@ def _decode_into(job: tuple[str, int, int, list[str]]) -> tuple[int, int]:
     return slot, len(paths)
 
 
-def _stream(pool, batches: list[list[str]], predict) -> int:
+def _stream(pool, procs: int, batches: list[list[str]], predict) -> int:
     """Decode `batches` on the pool into shared slots, in order, at most `slots` in flight;
     `predict` (if any) gets each full slot as it arrives. Returns images done."""
-    slots = len(pool._pool) + 4
+    slots = procs + 4  # every process busy, plus a few batches ready for the GPU
     path = _slots_path(slots)
     view = np.memmap(path, np.uint8, mode="w+", shape=(slots, BATCH, SIZE, SIZE, 3))
     pending: deque = deque()
@@ -128,7 +128,7 @@ def main(model_path: str, out_json: str) -> None:
         work = files * REPEAT
         batches = [work[i : i + BATCH] for i in range(0, len(work), BATCH)]
         start = time.perf_counter()
-        _stream(pool, batches, predict=None)
+        _stream(pool, procs, batches, predict=None)
         result["decode_all_cores_images_per_s"] = _rate(len(work), time.perf_counter() - start)
 
         import keras
@@ -164,7 +164,7 @@ def main(model_path: str, out_json: str) -> None:
         # score's structure without Ray: decode tasks write batches into shared memory (Ray's
         # object store does the same), the GPU predicts fixed-size batches as they arrive.
         start = time.perf_counter()
-        done = _stream(pool, batches, predict=model.predict_on_batch)
+        done = _stream(pool, procs, batches, predict=model.predict_on_batch)
         result["pipeline_images_per_s"] = _rate(done, time.perf_counter() - start)
 
     limit = max(result[f"compute_limit_batch{b}_images_per_s"] for b in (64, BATCH))
