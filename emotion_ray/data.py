@@ -22,7 +22,6 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from emotion_ray import __version__, storage
@@ -298,7 +297,3 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
         files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"]
     )
 
-
-def images_from_column(column: np.ndarray | list, image_size: int) -> np.ndarray:
-    """Raw `image` bytes from Parquet -> (N, size, size, 3) uint8."""
-    return np.frombuffer(b"".join(column), dtype=np.uint8).reshape(-1, image_size, image_size, 3)

@@ -46,18 +46,19 @@ def _tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuff
     import tensorflow as tf
     from ray.train.tensorflow import prepare_dataset_shard
 
-    from emotion_ray.data import images_from_column
+    from emotion_ray.images import pixels_from_arrow
 
     eye = np.eye(num_classes, dtype=np.float32)
 
     def batches():
+        # Arrow batches: the images are a view of the column's buffer, not a per-row copy.
         for batch in shard.iter_batches(
             batch_size=batch_size,
-            batch_format="numpy",
+            batch_format="pyarrow",
             local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
             prefetch_batches=2,
         ):
-            yield images_from_column(batch["image"], image_size), eye[batch["label_index"]]
+            yield pixels_from_arrow(batch["image"], image_size), eye[batch["label_index"].to_numpy()]
 
     ds = tf.data.Dataset.from_generator(
         batches,
@@ -93,7 +94,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(threads)
     tf.keras.utils.set_random_seed(cfg.seed)
 
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    # One worker has one device and nobody to all-reduce with: MWMS's collectives would only
+    # cost time (~13% of an epoch here, bench/RESULTS.md), so it takes the default strategy.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
     work_dir = tempfile.mkdtemp(prefix=f"emotion_ray_rank{rank}_")
     state = {"epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0, "history": [], "starts": []}
     checkpoint = ray.train.get_checkpoint()
@@ -288,7 +291,8 @@ def _evaluate_and_export(checkpoint, dataset_uri: str, storage_cfg: StorageConfi
     """Ray task: the best model's test metrics, plus the model file and training state."""
     import numpy as np
 
-    from emotion_ray.data import images_from_column, load_split
+    from emotion_ray.data import load_split
+    from emotion_ray.images import pixels_from_arrow
     from emotion_ray.model import load_model
 
     with checkpoint.as_directory() as ckpt_dir:
@@ -304,9 +308,9 @@ def _evaluate_and_export(checkpoint, dataset_uri: str, storage_cfg: StorageConfi
     except ConfigError:
         test = None
     if test is not None:
-        for batch in test.iter_batches(batch_size=256, batch_format="numpy"):
-            probs = model.predict_on_batch(images_from_column(batch["image"], image_size))
-            np.add.at(confusion, (batch["label_index"], np.asarray(probs).argmax(axis=1)), 1)
+        for batch in test.iter_batches(batch_size=256, batch_format="pyarrow"):
+            probs = model.predict_on_batch(pixels_from_arrow(batch["image"], image_size))
+            np.add.at(confusion, (batch["label_index"].to_numpy(), np.asarray(probs).argmax(axis=1)), 1)
     return {"model_bytes": model_bytes, "state": state, "metrics": classification_metrics(confusion, classes)}
 
 

@@ -67,14 +67,16 @@ def test_run_directory_holds_everything(trained):
 
 
 def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo):
-    from emotion_ray.data import images_from_column, load_split
+    from emotion_ray.data import load_split
     from emotion_ray.model import load_model
 
     result, run_dir, _ = trained
     model = load_model(str(run_dir / "model.keras"))  # safe_mode=True
     correct = total = 0
     for batch in load_split(str(prepared_demo), "test").iter_batches(batch_size=64, batch_format="numpy"):
-        probs = model.predict(images_from_column(batch["image"], 48), verbose=0)
+        # Rebuilt here from the raw bytes, independently of the training input code.
+        images = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(48, 48, 3) for b in batch["image"]])
+        probs = model.predict(images, verbose=0)
         correct += int((probs.argmax(1) == batch["label_index"]).sum())
         total += len(probs)
     assert total == result["test_rows"] and correct / total == pytest.approx(result["categorical_accuracy"])
