@@ -304,4 +304,3 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
         )
     finally:
         context.use_datasource_v2 = use_v2
-

@@ -176,8 +176,12 @@ def test_incomplete_dataset_is_never_read(tmp_path):
 
 
 def test_load_split_gives_images_of_the_manifest_size(prepared_demo):
+    import ray
+
     manifest = read_manifest(str(prepared_demo))
+    callers_reader = ray.data.DataContext.get_current().use_datasource_v2
     ds = load_split(str(prepared_demo), "val")
+    assert ray.data.DataContext.get_current().use_datasource_v2 == callers_reader  # left as it was
     batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
     assert len(batch["image"][0]) == manifest["image_size"] ** 2 * 3
     assert ds.count() == manifest["split_rows"]["val"]
