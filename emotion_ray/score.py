@@ -114,7 +114,7 @@ def list_inputs(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
                     paths.add(line)
         elif storage.archive_protocol(item) and fs.isfile(base):
             try:
-                members = storage.archive_filesystem(item, storage_cfg, fresh=True).find("", withdirs=False)
+                members = storage.archive_members(item, storage_cfg)
             except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
                 log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
                 skipped["unreadable_archive"] += 1

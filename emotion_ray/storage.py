@@ -70,24 +70,23 @@ def split_member_uri(uri: str) -> tuple[str, str] | None:
     return (archive, member) if sep and proto in ("zip", "tar") else None
 
 
-def _open_archive(archive: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
-    target = filesystem(archive, StorageConfig(s3_endpoint_url=endpoint_url))
-    handle = target.open(strip_scheme(archive), "rb")
+def _archive_on(archive: str, handle) -> fsspec.AbstractFileSystem:
+    """The members of the archive open as `handle`, as a read-only filesystem."""
     return fsspec.filesystem(archive_protocol(archive), fo=handle, skip_instance_cache=True)
 
 
 # Workers keep an archive open (with its member index) across the members a decode task reads;
 # an archive is assumed not to change while a job reads it.
-_cached_archive = lru_cache(maxsize=16)(_open_archive)
+@lru_cache(maxsize=16)
+def _open_archive(archive: str, endpoint_url: str | None) -> fsspec.AbstractFileSystem:
+    handle = filesystem(archive, StorageConfig(s3_endpoint_url=endpoint_url)).open(strip_scheme(archive), "rb")
+    return _archive_on(archive, handle)
 
 
-def archive_filesystem(archive: str, storage: StorageConfig | None = None, fresh: bool = False
-                       ) -> fsspec.AbstractFileSystem:
-    """The archive's members as a read-only filesystem (member paths relative to its root).
-
-    `fresh` opens it anew (listing a job's inputs must see the archive as it is now)."""
-    endpoint = (storage or StorageConfig()).s3_endpoint_url
-    return _open_archive(archive, endpoint) if fresh else _cached_archive(archive, endpoint)
+def archive_members(archive: str, storage: StorageConfig | None = None) -> list[str]:
+    """The archive's member files as it is now (paths relative to its root); closes it after."""
+    with filesystem(archive, storage).open(strip_scheme(archive), "rb") as handle:
+        return _archive_on(archive, handle).find("", withdirs=False)
 
 
 def filesystem(uri: str, storage: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
@@ -112,7 +111,7 @@ def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
     member = split_member_uri(uri)
     if member:
         archive, name = member
-        return archive_filesystem(archive, storage).cat_file(name)
+        return _open_archive(archive, (storage or StorageConfig()).s3_endpoint_url).cat_file(name)
     return filesystem(uri, storage).cat_file(strip_scheme(uri))
 
 

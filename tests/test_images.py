@@ -5,10 +5,9 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image
-
-import pyarrow as pa
 
 from emotion_ray.images import ALPHA_BACKGROUND, decode_image, has_image_extension, pixels_from_arrow, pixels_to_arrow
 
