@@ -124,3 +124,17 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
 def load_model(path: str, compile: bool = False) -> keras.Model:
     """Load a `.keras` file. safe_mode=True: no arbitrary code from the file runs."""
     return keras.models.load_model(path, safe_mode=True, compile=compile)
+
+
+def inference_function(model: keras.Model):
+    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images -> probabilities.
+
+    Scoring and evaluation call this rather than `predict_on_batch`, which re-enters Keras'
+    predict machinery (a data adapter per call, run in Python between the graph's ops); the
+    outputs are identical, and on 2 CPU cores it is 1.15-1.2x faster alone and +15% end to end
+    in `score` (bench/RESULTS.md). The batch dimension is left open, so one trace serves every
+    batch size.
+    """
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
+    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+

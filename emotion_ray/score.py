@@ -152,13 +152,14 @@ class Predictor:
     """Actor-pool UDF: loads the model once, then turns decoded batches into prediction rows."""
 
     def __init__(self, model_ref: ModelRef, batch_size: int):
-        from emotion_ray.model import load_model
+        from emotion_ray.model import inference_function, load_model
 
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.keras")
             with open(path, "wb") as fh:
                 fh.write(model_ref.model_bytes)
             self.model = load_model(path)
+        self.forward = inference_function(self.model)
         self.ref = model_ref
         self.batch_size = batch_size
 
@@ -170,7 +171,7 @@ class Predictor:
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
             padded[: len(chunk)] = chunk
-            out.append(np.asarray(self.model.predict_on_batch(padded))[: len(chunk)])
+            out.append(self.forward(padded).numpy()[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.ref.classes)), dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -293,7 +293,7 @@ def _evaluate_and_export(checkpoint, dataset_uri: str, storage_cfg: StorageConfi
 
     from emotion_ray.data import load_split
     from emotion_ray.images import pixels_from_arrow
-    from emotion_ray.model import load_model
+    from emotion_ray.model import inference_function, load_model
 
     with checkpoint.as_directory() as ckpt_dir:
         with open(os.path.join(ckpt_dir, BEST_MODEL), "rb") as fh:
@@ -301,6 +301,7 @@ def _evaluate_and_export(checkpoint, dataset_uri: str, storage_cfg: StorageConfi
         with open(os.path.join(ckpt_dir, STATE_FILE)) as fh:
             state = json.load(fh)
         model = load_model(os.path.join(ckpt_dir, BEST_MODEL))
+    forward = inference_function(model)
     n = len(classes)
     confusion = np.zeros((n, n), dtype=np.int64)
     try:
@@ -309,8 +310,8 @@ def _evaluate_and_export(checkpoint, dataset_uri: str, storage_cfg: StorageConfi
         test = None
     if test is not None:
         for batch in test.iter_batches(batch_size=256, batch_format="pyarrow"):
-            probs = model.predict_on_batch(pixels_from_arrow(batch["image"], image_size))
-            np.add.at(confusion, (batch["label_index"].to_numpy(), np.asarray(probs).argmax(axis=1)), 1)
+            probs = forward(pixels_from_arrow(batch["image"], image_size)).numpy()
+            np.add.at(confusion, (batch["label_index"].to_numpy(), probs.argmax(axis=1)), 1)
     return {"model_bytes": model_bytes, "state": state, "metrics": classification_metrics(confusion, classes)}
 
 

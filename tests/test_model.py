@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emotion_ray.config import ModelConfig
-from emotion_ray.model import build_model, compile_model, load_model
+from emotion_ray.model import build_model, compile_model, inference_function, load_model
 
 
 def test_seed_cnn_is_the_seed_architecture_with_rescaling_in_front():
@@ -44,6 +44,18 @@ def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp
     after = load_model(str(path)).predict(x, verbose=0)
     np.testing.assert_array_equal(before, after)
     assert np.allclose(before.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_inference_function_is_predict_in_inference_mode_for_any_batch_size():
+    # Augmentation and dropout are active in training mode, so a forward pass that left them on
+    # would not match predict.
+    model = build_model(ModelConfig(dropout=0.5, augmentation={"enabled": True}), 3, 24)
+    forward = inference_function(model)
+    rng = np.random.default_rng(2)
+    for n in (1, 5, 64):
+        x = rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
+        np.testing.assert_allclose(forward(x).numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
+    assert len(forward._list_all_concrete_functions()) == 1  # one trace for every batch size
 
 
 def test_backbone_weights_come_from_a_given_file(tmp_path):
