@@ -267,6 +267,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     todo = [p for p in paths if p not in done]
 
     started = time.perf_counter()
+    first_batch_s, first_batch_rows = None, 0  # when the first scored batch arrived, and its size
     writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file)
     if todo:
         init_ray()
@@ -297,10 +298,15 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         )
         with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if first_batch_s is None:
+                    first_batch_s, first_batch_rows = time.perf_counter() - started, batch.num_rows
                 writer.add(batch)
                 bar.update(batch.num_rows)
         writer.flush()
     elapsed = time.perf_counter() - started
+    # Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the
+    # steady rate after the first batch is what sizes a job of millions of files.
+    steady_rows, steady_s = len(todo) - first_batch_rows, elapsed - (first_batch_s or elapsed)
 
     table = read_scores(cfg.output, cfg.storage, ["path", "label", "error"])
     written = table["path"].to_pylist()
@@ -319,6 +325,8 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         "skipped_inputs": dict(skipped),
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
+        "first_batch_seconds": round(first_batch_s, 2) if first_batch_s is not None else None,
+        "steady_images_per_second": round(steady_rows / steady_s, 1) if steady_rows and steady_s > 0 else None,
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     storage.write_json_atomic(storage.join(cfg.output, SUCCESS), summary, cfg.storage)

@@ -66,6 +66,8 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
     assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
     assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
+    assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
     schema = pq.read_schema(next(out.glob("part-*.parquet")))
     assert {"path", "label", "confidence", "prob_angry", "prob_happy", "prob_sad", "model_id", "width", "height",
