@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from emotion_ray import __version__, storage
 from emotion_ray.config import ConfigError, PrepareConfig, StorageConfig
-from emotion_ray.images import has_image_extension, pixels_to_arrow, read_and_decode
+from emotion_ray.images import Decoded, has_image_extension, pixels_to_arrow, read_and_decode
 
 MANIFEST = "manifest.json"
 OWNER_MARKER = "_emotion_ray_dataset"
@@ -112,6 +112,17 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
 
 
+def decode_files(paths: list[str], image_size: int, max_pixels: int, max_file_bytes: int,
+                 storage_cfg: StorageConfig) -> list[tuple[bytes | None, Decoded]]:
+    """Read and decode each file (local, `s3://` or an archive member): its bytes (None when
+    unreadable) and the decode result. Prepare and score both decode through here."""
+    return [
+        read_and_decode(lambda: storage.read_bytes(path, storage_cfg), image_size,
+                        max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+        for path in paths
+    ]
+
+
 def decode_batch(
     batch: pa.Table,
     image_size: int,
@@ -122,11 +133,7 @@ def decode_batch(
 ) -> pa.Table:
     """Ray Data UDF: read and decode a batch of listed files. Bad files become reject rows."""
     pixels, digests, splits, reasons = [], [], [], []
-    for path in batch["path"].to_pylist():
-        data, decoded = read_and_decode(
-            lambda: storage.read_bytes(path, storage_cfg), image_size,
-            max_pixels=max_pixels, max_file_bytes=max_file_bytes,
-        )
+    for data, decoded in decode_files(batch["path"].to_pylist(), image_size, max_pixels, max_file_bytes, storage_cfg):
         digest = hashlib.sha256(data).hexdigest() if data is not None else None
         pixels.append(decoded.pixels)
         digests.append(digest)

@@ -33,8 +33,8 @@ import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
-from emotion_ray.data import listing_dataset
-from emotion_ray.images import has_image_extension, pixels_from_arrow, pixels_to_arrow, read_and_decode
+from emotion_ray.data import decode_files, listing_dataset
+from emotion_ray.images import has_image_extension, pixels_from_arrow, pixels_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +133,7 @@ def decode_paths(batch: pa.Table, image_size: int, max_pixels: int, max_file_byt
                  storage_cfg: StorageConfig) -> pa.Table:
     """Read and decode a batch of paths; a file that cannot be used becomes an error row."""
     paths = batch["path"].to_pylist()
-    decoded = [
-        read_and_decode(lambda: storage.read_bytes(path, storage_cfg), image_size,
-                        max_pixels=max_pixels, max_file_bytes=max_file_bytes)[1]
-        for path in paths
-    ]
+    decoded = [d for _, d in decode_files(paths, image_size, max_pixels, max_file_bytes, storage_cfg)]
     columns = [
         pa.array(paths, pa.string()),
         pixels_to_arrow([d.pixels for d in decoded]),
