@@ -35,6 +35,7 @@ SPLITS = ("train", "val", "test")
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
 BLOCK_BYTES = 64 * 1024**2
+READ_TASK_BYTES = 128 * 1024**2  # pixels one read task of `load_split` reads (several shards if small)
 
 ROW_SCHEMA = pa.schema(
     [
@@ -300,6 +301,11 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
     files = [storage.strip_scheme(storage.join(dataset_uri, rel)) for rel in manifest["shards"][split]]
     if not files:
         raise ConfigError(f"split {split!r} of {dataset_uri} is empty; add images or change the split fractions")
+    # Ray starts one read task per shard by default, and each costs ~20 ms of CPU beyond the
+    # reading: half of a streamed epoch's CPU on 160 shards of 5 MB. Group small shards into
+    # tasks of ~READ_TASK_BYTES of pixels (bench/RESULTS.md, train).
+    split_bytes = manifest["split_rows"][split] * manifest["image_size"] ** 2 * 3
+    read_tasks = min(len(files), max(1, math.ceil(split_bytes / READ_TASK_BYTES)))
     # The manifest already names every shard, so skip the V2 Parquet reader: it lists the files
     # again in a task each time the dataset runs, and a training epoch streamed from Ray Data
     # took 5.5 s with it against 2.2 s without (bench/RESULTS.md, train).
@@ -307,7 +313,8 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
     use_v2, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
         return ray.data.read_parquet(
-            files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"]
+            files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"],
+            override_num_blocks=read_tasks,
         )
     finally:
         context.use_datasource_v2 = use_v2
