@@ -137,4 +137,3 @@ def inference_function(model: keras.Model):
     """
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
     return tf.function(lambda images: model(images, training=False), input_signature=[spec])
-

@@ -55,7 +55,7 @@ def test_inference_function_is_predict_in_inference_mode_for_any_batch_size():
     for n in (1, 5, 64):
         x = rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
         np.testing.assert_allclose(forward(x).numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
-    assert len(forward._list_all_concrete_functions()) == 1  # one trace for every batch size
+    assert forward.experimental_get_tracing_count() == 1  # one trace for every batch size
 
 
 def test_backbone_weights_come_from_a_given_file(tmp_path):
