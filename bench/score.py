@@ -4,8 +4,8 @@ One run, same files, same model (the seed CNN at 256x256):
   end-to-end `score` images/s  vs  (a) pure model.predict on preloaded tensors (the compute
   limit; target >= 0.85x), (a') the forward pass `score` itself runs, on the same tensors,
   and (b) the seed's way: read, resize, predict one image at a time (target >= 10x). End to
-  end is timed on 1,002 files (cold and warm) and on 10x as many (bulk: the steady state,
-  where the per-run predictor start-up is amortised); the ratios use bulk.
+  end is timed on 1,002 files (cold and warm) and on 10x as many (bulk, which the ratios
+  use); the bulk run's start-up and steady rate after it come from score's own summary.
 On a CPU-only machine it also reports the ceiling that sharing cores puts on any pipeline:
 cores / (decode + forward-pass CPU seconds per image), each measured here.
 Peak memory scoring 1,000 vs 10,000 images (PSS of the driver + Ray worker processes, sampled): ratio <= 1.2.
@@ -139,8 +139,8 @@ def main() -> None:
     # End to end: Ray Data decode tasks + predictor actor, Parquet out. Cold: Ray's workers and
     # the predictor start inside the timing; warm: a second run on the started cluster. Every
     # run starts its own predictor (TensorFlow import + model load, ~4 s of CPU here), which a
-    # 1,000-image job cannot amortise: the bulk run (10x the files) is the steady state that
-    # scoring archives of millions of files sees, and the headline ratios use it.
+    # 1,000-image job cannot amortise: the bulk run (10x the files) spreads it over more images
+    # and the headline ratios use it; score's summary gives the steady rate after start-up.
     bulk = replicated(src, 10)
     e2e, summaries = {}, {}
     for attempt, folder in (("cold", src), ("warm", src), ("bulk", bulk)):
