@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_CLASSES = ["angry", "happy", "sad"]
+CPU_SCORE_BATCH, GPU_SCORE_BATCH = 64, 256
 
 
 class ConfigError(ValueError):
@@ -156,11 +157,27 @@ class ScoreConfig(StrictModel):
     model: str = Field(description="Run directory, .keras file (local or s3://) or models:/name/version.")
     inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, .zip/.tar archives, or .txt files listing paths.")
     output: str = Field(description="Folder or s3:// prefix for the Parquet predictions.")
-    batch_size: int = Field(64, ge=1, description="Images per model call.")
-    num_predictors: int = Field(1, ge=1, description="Predictor actors (one model copy each).")
     use_gpu: bool = False
-    gpus_per_predictor: float = Field(1.0, gt=0)
+    batch_size: int | None = Field(
+        None, ge=1, description=f"Images per model call. Unset: {CPU_SCORE_BATCH} on CPU, {GPU_SCORE_BATCH} with use_gpu."
+    )
+    num_predictors: int | None = Field(
+        None,
+        ge=1,
+        description="Predictor actors, one model copy each. Unset: 1 on CPU (TensorFlow spreads one model "
+        "over every core of its node); with use_gpu, one per GPU free at the start, and more while work "
+        "queues as GPUs appear (an autoscaler adding nodes).",
+    )
+    gpus_per_predictor: float = Field(
+        1.0, gt=0, description="With use_gpu: a fraction (0.5) puts several predictors on one GPU."
+    )
     cpus_per_predictor: float = Field(1.0, ge=0)
+    gpu_wait_seconds: float = Field(
+        900,
+        gt=0,
+        description="With use_gpu: how long the first predictor may take to start (an autoscaler adding a GPU "
+        "node included) before the job fails with a clear error instead of waiting forever for GPUs.",
+    )
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
     max_inflight_bytes: int = Field(
         1024**3,
@@ -172,6 +189,17 @@ class ScoreConfig(StrictModel):
     max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
     mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @model_validator(mode="after")
+    def _device_defaults(self) -> ScoreConfig:
+        # Bigger batches keep a GPU busy between round trips to the host; on a CPU, 64 already
+        # fills the cores (128 and 256 cost the same per image). Assigning re-runs this
+        # validator once, which then finds the fields set.
+        if self.batch_size is None:
+            self.batch_size = GPU_SCORE_BATCH if self.use_gpu else CPU_SCORE_BATCH
+        if self.num_predictors is None and not self.use_gpu:
+            self.num_predictors = 1
+        return self
 
 
 def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:

@@ -121,6 +121,20 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     return model
 
 
+def share_gpus() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it at start.
+
+    By default the first process on a GPU claims nearly all its memory, so a second predictor
+    given the same GPU (`gpus_per_predictor` < 1) fails to start. Call before anything runs on
+    the GPU; without GPUs it does nothing.
+    """
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # this process already runs on the GPU (a second predict() call): too late
+            pass
+
+
 def load_model(path: str, compile: bool = False) -> keras.Model:
     """Load a `.keras` file. safe_mode=True: no arbitrary code from the file runs."""
     return keras.models.load_model(path, safe_mode=True, compile=compile)

@@ -39,7 +39,8 @@ from emotion_ray.images import has_image_extension, pixels_from_arrow, pixels_to
 log = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS.json"
-DECODE_TASK_MEMORY = 256 * 1024**2
+# A decode worker's own footprint; its batch's pixels come on top (see decode_task_memory).
+DECODE_WORKER_MEMORY = 192 * 1024**2
 OWNER_MARKER = "_emotion_ray_scores"
 DECODED_SCHEMA = pa.schema(
     [("path", pa.string()), ("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()),
@@ -144,12 +145,21 @@ def decode_paths(batch: pa.Table, image_size: int, max_pixels: int, max_file_byt
     return pa.Table.from_arrays(columns, schema=DECODED_SCHEMA)
 
 
+def decode_task_memory(batch_size: int, image_size: int) -> int:
+    """Memory a decode task holds: the worker, plus a batch's pixels about three times over
+    (decoded arrays, the Arrow column, the block on its way out). With batches of 256 images of
+    256x256, Ray Data saw 254 MiB per decode worker and warned about the flat 256 MiB once
+    declared here."""
+    return DECODE_WORKER_MEMORY + 3 * batch_size * image_size**2 * 3
+
+
 class Predictor:
     """Actor-pool UDF: loads the model once, then turns decoded batches into prediction rows."""
 
     def __init__(self, model_ref: ModelRef, batch_size: int):
-        from emotion_ray.model import inference_function, load_model
+        from emotion_ray.model import inference_function, load_model, share_gpus
 
+        share_gpus()
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.keras")
             with open(path, "wb") as fh:
@@ -247,6 +257,18 @@ def _claim_output(cfg: ScoreConfig) -> None:
             storage.remove(storage.join(cfg.output, name), cfg.storage)
 
 
+def _predictor_pool(cfg: ScoreConfig):
+    """A fixed pool of `num_predictors`; unset on GPU, one predictor per GPU free now, and more
+    while work queues as GPUs appear (Ray Data's requests also make an autoscaler add GPU
+    nodes), so one job uses every GPU it can get."""
+    import ray
+
+    if cfg.num_predictors is not None:
+        return ray.data.ActorPoolStrategy(size=cfg.num_predictors)
+    free_now = int(ray.available_resources().get("GPU", 0) // cfg.gpus_per_predictor)
+    return ray.data.ActorPoolStrategy(min_size=1, initial_size=max(1, free_now))
+
+
 def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     """Score every input file not already in `cfg.output`; returns the summary."""
     import ray
@@ -279,7 +301,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             # Declaring the pixels a decode task holds also keeps Ray Data from fusing decoding
             # into the predictor actors (identical remote args fuse): decoding then runs on
             # every free CPU instead of serially inside the few actors that hold the model.
-            memory=DECODE_TASK_MEMORY,
+            memory=decode_task_memory(cfg.batch_size, model_ref.image_size),
             fn_kwargs={"image_size": model_ref.image_size, "max_pixels": cfg.max_pixels,
                        "max_file_bytes": cfg.max_file_bytes, "storage_cfg": cfg.storage},
         )
@@ -287,17 +309,30 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             Predictor,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_predictors),
+            compute=_predictor_pool(cfg),
             fn_constructor_kwargs={"model_ref": model_ref, "batch_size": cfg.batch_size},
             num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_predictor,
         )
-        with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                if first_batch_s is None:
-                    first_batch_s, first_batch_rows = time.perf_counter() - started, batch.num_rows
-                writer.add(batch)
-                bar.update(batch.num_rows)
+        if cfg.use_gpu:
+            # Ray waits forever for resources no node has; give the autoscaler a bounded time.
+            ds.context.wait_for_min_actors_s = cfg.gpu_wait_seconds
+        try:
+            with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
+                for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    if first_batch_s is None:
+                        first_batch_s, first_batch_rows = time.perf_counter() - started, batch.num_rows
+                    writer.add(batch)
+                    bar.update(batch.num_rows)
+        except ray.exceptions.GetTimeoutError:
+            if not cfg.use_gpu:
+                raise
+            raise ConfigError(
+                f"use_gpu: no predictor with {cfg.gpus_per_predictor:g} GPU started within "
+                f"{cfg.gpu_wait_seconds:g} s; the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs "
+                "(`ray status` shows pending demands). Add GPU nodes, raise gpu_wait_seconds, or score on "
+                "CPUs without use_gpu."
+            ) from None
         writer.flush()
     elapsed = time.perf_counter() - started
     # Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the

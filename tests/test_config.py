@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from emotion_ray.config import ConfigError, PrepareConfig, TrainConfig, build_config, load_config
+from emotion_ray.config import ConfigError, PrepareConfig, ScoreConfig, TrainConfig, build_config, load_config
 
 CLI = [sys.executable, "-m", "emotion_ray.cli"]
 
@@ -29,6 +29,16 @@ def test_splits_must_sum_to_one():
 def test_global_batch_must_divide_over_workers():
     with pytest.raises(ConfigError, match="divide evenly"):
         build_config(TrainConfig, {"data": "d", "workers": 3, "batch_size": 32})
+
+
+def test_score_defaults_follow_the_device():
+    where = {"model": "m", "inputs": ["i"], "output": "o"}
+    cpu = build_config(ScoreConfig, where)
+    assert (cpu.batch_size, cpu.num_predictors) == (64, 1)
+    gpu = build_config(ScoreConfig, where, {"use_gpu": True})
+    assert (gpu.batch_size, gpu.num_predictors) == (256, None)  # None: a pool that grows with the GPUs
+    chosen = build_config(ScoreConfig, where, {"use_gpu": True, "batch_size": 32, "num_predictors": 3})
+    assert (chosen.batch_size, chosen.num_predictors) == (32, 3)
 
 
 def test_yaml_and_overrides_merge(tmp_path):

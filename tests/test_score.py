@@ -166,6 +166,18 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_session, model_d
     assert len(paths) == len(set(paths)) == 300
 
 
+def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
+                                                               tmp_path):
+    # Ray itself would wait forever for a GPU that no node has (the test cluster has none).
+    cmd = [sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir), "--input",
+           str(images_with_bad_files), "--output", str(tmp_path / "scores"), "--use-gpu", "--set", "gpu_wait_seconds=3"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "no predictor with 1 GPU started within 3 s; the cluster has 0 GPUs" in res.stderr
+    assert not read_scores(str(tmp_path / "scores")).num_rows
+
+
 def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, images_with_bad_files, tmp_path):
     out = tmp_path / "scores"
     score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out), batch_size=8),
@@ -231,3 +243,34 @@ def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_wi
     via_registry = predict("models:/scorable/1", [image], tracking_uri=uri)
     assert direct[0]["error"] is None
     assert via_registry[0]["probabilities"] == direct[0]["probabilities"]
+
+
+def test_gpu_default_starts_one_predictor_per_gpu(model_dir, images_with_bad_files, tmp_path):
+    """The GPU path on a CPU machine: a private Ray that declares two GPUs (TensorFlow finds none
+    and runs on the CPU), so Ray schedules GPU predictors exactly as on a GPU node. Both GPUs
+    must be held by predictors while the job runs."""
+    script = f"""
+import threading, time
+import ray
+from emotion_ray.runtime import WORKER_ENV
+from emotion_ray.config import ScoreConfig
+from emotion_ray.score import score
+ray.init(num_cpus=3, num_gpus=2, runtime_env={{"env_vars": WORKER_ENV}}, include_dashboard=False)
+free_gpus, done = [], threading.Event()
+def watch():
+    while not done.is_set():
+        free_gpus.append(ray.available_resources().get("GPU", 0))
+        time.sleep(0.05)
+watcher = threading.Thread(target=watch)
+watcher.start()
+summary = score(ScoreConfig(model={str(model_dir)!r}, inputs=[{str(images_with_bad_files)!r}],
+                            output={str(tmp_path / "scores")!r}, use_gpu=True), show_progress=False)
+done.set()
+watcher.join()
+print("RESULT", summary["rows"], min(free_gpus))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows, fewest_free_gpus = next(line for line in res.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
+    assert int(rows) == 18 and float(fewest_free_gpus) == 0
