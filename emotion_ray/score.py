@@ -316,6 +316,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         )
         if cfg.use_gpu:
             # Ray waits forever for resources no node has; give the autoscaler a bounded time.
+            # (Ray Data then starts decoding once the initial predictors are up.)
             ds.context.wait_for_min_actors_s = cfg.gpu_wait_seconds
         try:
             with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
@@ -328,7 +329,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
             if not cfg.use_gpu:
                 raise
             raise ConfigError(
-                f"use_gpu: no predictor with {cfg.gpus_per_predictor:g} GPU started within "
+                f"use_gpu: the GPU predictors ({cfg.gpus_per_predictor:g} GPU each) did not start within "
                 f"{cfg.gpu_wait_seconds:g} s; the cluster has {ray.cluster_resources().get('GPU', 0):g} GPUs "
                 "(`ray status` shows pending demands). Add GPU nodes, raise gpu_wait_seconds, or score on "
                 "CPUs without use_gpu."

@@ -174,7 +174,7 @@ def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, mode
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "no predictor with 1 GPU started within 3 s; the cluster has 0 GPUs" in res.stderr
+    assert "the GPU predictors (1 GPU each) did not start within 3 s; the cluster has 0 GPUs" in res.stderr
     assert not read_scores(str(tmp_path / "scores")).num_rows
 
 
