@@ -6,6 +6,7 @@ One run, same files, same model (the seed CNN at 256x256):
   and (b) the seed's way: read, resize, predict one image at a time (target >= 10x). End to
   end is timed on 1,002 files (cold and warm) and on 10x as many (bulk, which the ratios
   use); the bulk run's start-up and steady rate after it come from score's own summary.
+On a node where Ray sees a GPU, `score` runs with use_gpu (its GPU defaults) and (a) on the GPU.
 On a CPU-only machine it also reports the ceiling that sharing cores puts on any pipeline:
 cores / (decode + forward-pass CPU seconds per image), each measured here.
 Peak memory scoring 1,000 vs 10,000 images (PSS of the driver + Ray worker processes, sampled): ratio <= 1.2.
@@ -64,14 +65,14 @@ def replicated(src: Path, copies: int) -> Path:
     return out
 
 
-def peak_rss_of_score(inputs: Path, output: Path) -> int:
+def peak_rss_of_score(inputs: Path, output: Path, use_gpu: bool) -> int:
     """Peak summed PSS of a fresh `emotion-ray score` process and everything it starts.
 
     PSS, not RSS: Ray's processes map the same shared object-store pages, which RSS counts
     once per process."""
     shutil.rmtree(output, ignore_errors=True)
     proc = subprocess.Popen([sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir()),
-                             "--input", str(inputs), "--output", str(output)],
+                             "--input", str(inputs), "--output", str(output), *(["--use-gpu"] if use_gpu else [])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "RAY_ADDRESS": ""})
     peak = 0
@@ -96,6 +97,10 @@ def main() -> None:
     files = images_of(src)
     model = load_model(str(model_dir() / "model.keras"))
     init_ray()
+    import ray
+
+    # On a GPU node `score` runs its GPU path (and (a) runs on the GPU by itself).
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
 
     # Reading and decoding, one core: CPU seconds per image.
     cpu_start = time.process_time()
@@ -147,7 +152,8 @@ def main() -> None:
         out = WORK / f"score_out_{attempt}"
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
-        summaries[attempt] = score(ScoreConfig(model=str(model_dir()), inputs=[str(folder)], output=str(out)),
+        summaries[attempt] = score(ScoreConfig(model=str(model_dir()), inputs=[str(folder)], output=str(out),
+                                               use_gpu=use_gpu),
                                    show_progress=False)
         e2e[attempt] = summaries[attempt]["rows"] / (time.perf_counter() - start)
     e2e_ips = e2e["bulk"]
@@ -167,16 +173,14 @@ def main() -> None:
         p = model.predict(np.stack([with_draft, without]), verbose=0)
         agree += int(p[0].argmax() == p[1].argmax())
 
-    import ray
-
     ray.shutdown()  # the memory runs start their own Ray, as a user's command would
     small = replicated(src, 1)
     big = bulk
-    rss_small = peak_rss_of_score(small, WORK / "score_mem_small")
-    rss_big = peak_rss_of_score(big, WORK / "score_mem_big")
+    rss_small = peak_rss_of_score(small, WORK / "score_mem_small", use_gpu)
+    rss_big = peak_rss_of_score(big, WORK / "score_mem_big", use_gpu)
 
     record("score", {
-        "files": len(files), "image_size": SIZE, "source_size": 512,
+        "files": len(files), "image_size": SIZE, "source_size": 512, "score_on_gpu": use_gpu,
         "compute_limit_images_per_s": round(compute_ips, 1),
         "seed_one_at_a_time_images_per_s": round(seed_ips, 1),
         "score_end_to_end_cold_images_per_s": round(e2e["cold"], 1),
