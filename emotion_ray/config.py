@@ -175,8 +175,8 @@ class ScoreConfig(StrictModel):
     gpu_wait_seconds: float = Field(
         900,
         gt=0,
-        description="With use_gpu: how long the first predictor may take to start (an autoscaler adding a GPU "
-        "node included) before the job fails with a clear error instead of waiting forever for GPUs.",
+        description="With use_gpu: how long the initial predictors may take to start (an autoscaler adding "
+        "GPU nodes included) before the job fails with a clear error instead of waiting forever for GPUs.",
     )
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
     max_inflight_bytes: int = Field(

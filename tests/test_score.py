@@ -18,6 +18,7 @@ import pytest
 from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
 from emotion_ray.score import SUCCESS, predict, read_scores, score
+from tests.conftest import run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
 SIZE = 32
@@ -246,31 +247,11 @@ def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_wi
 
 
 def test_gpu_default_starts_one_predictor_per_gpu(model_dir, images_with_bad_files, tmp_path):
-    """The GPU path on a CPU machine: a private Ray that declares two GPUs (TensorFlow finds none
-    and runs on the CPU), so Ray schedules GPU predictors exactly as on a GPU node. Both GPUs
-    must be held by predictors while the job runs."""
-    script = f"""
-import threading, time
-import ray
-from emotion_ray.runtime import WORKER_ENV
+    """The GPU path on declared GPUs: both must be held by predictors while the job runs."""
+    summary, fewest_free_gpus = run_on_declared_gpus(f"""
 from emotion_ray.config import ScoreConfig
 from emotion_ray.score import score
-ray.init(num_cpus=3, num_gpus=2, runtime_env={{"env_vars": WORKER_ENV}}, include_dashboard=False)
-free_gpus, done = [], threading.Event()
-def watch():
-    while not done.is_set():
-        free_gpus.append(ray.available_resources().get("GPU", 0))
-        time.sleep(0.05)
-watcher = threading.Thread(target=watch)
-watcher.start()
 summary = score(ScoreConfig(model={str(model_dir)!r}, inputs=[{str(images_with_bad_files)!r}],
                             output={str(tmp_path / "scores")!r}, use_gpu=True), show_progress=False)
-done.set()
-watcher.join()
-print("RESULT", summary["rows"], min(free_gpus))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows, fewest_free_gpus = next(line for line in res.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
-    assert int(rows) == 18 and float(fewest_free_gpus) == 0
+""", timeout=300)
+    assert summary["rows"] == 18 and fewest_free_gpus == 0

@@ -16,6 +16,7 @@ import pytest
 
 from emotion_ray.config import ConfigError, TrainConfig
 from emotion_ray.train import run_training
+from tests.conftest import run_on_declared_gpus
 
 pytestmark = pytest.mark.slow
 # Measured on this 2-core machine: 0.85-1.0 test accuracy on the 48px demo set. Chance is 1/3;
@@ -165,35 +166,13 @@ def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path):
 
 
 def test_gpu_workers_train_and_evaluate(prepared_demo, tmp_path):
-    """The GPU path on a CPU machine: a private Ray that declares two GPUs (TensorFlow finds none
-    and runs on the CPU), so Train places one GPU per worker and the test evaluation asks for
-    one, exactly as on a GPU node. Both GPUs must be held while it trains."""
-    import subprocess
-    import sys
-
-    script = f"""
-import threading, time
-import ray
-from emotion_ray.runtime import WORKER_ENV
+    """The GPU path on declared GPUs: Train places one GPU per worker and the test evaluation
+    asks for one, as on a GPU node. Both GPUs must be held while it trains."""
+    summary, fewest_free_gpus = run_on_declared_gpus(f"""
 from emotion_ray.config import TrainConfig
 from emotion_ray.train import run_training
-ray.init(num_cpus=3, num_gpus=2, runtime_env={{"env_vars": WORKER_ENV}}, include_dashboard=False)
-free_gpus, done = [], threading.Event()
-def watch():
-    while not done.is_set():
-        free_gpus.append(ray.available_resources().get("GPU", 0))
-        time.sleep(0.05)
-watcher = threading.Thread(target=watch)
-watcher.start()
 summary = run_training(TrainConfig(data={str(prepared_demo)!r}, output={str(tmp_path)!r}, run_name="gpu",
                                    workers=2, use_gpu=True, epochs=1, batch_size=16, mlflow={{"enabled": False}}))
-done.set()
-watcher.join()
-print("RESULT", summary["test_rows"], min(free_gpus))
-"""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    test_rows, fewest_free_gpus = next(line for line in res.stdout.splitlines() if line.startswith("RESULT")).split()[1:]
-    assert int(test_rows) > 0 and float(fewest_free_gpus) == 0
+""", timeout=600)
+    assert summary["test_rows"] > 0 and fewest_free_gpus == 0
     assert (tmp_path / "gpu" / "model.keras").exists()
