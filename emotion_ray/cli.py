@@ -13,13 +13,13 @@ from typing import Any, Callable
 
 from emotion_ray import runtime  # noqa: F401 - sets TF_USE_LEGACY_KERAS before anything imports TensorFlow
 from emotion_ray.config import (
-    ConfigError,
     PrepareConfig,
     ScoreConfig,
     TrainConfig,
     load_config,
     parse_override,
 )
+from emotion_ray.errors import EmotionRayError
 
 # (flag, config key, argparse kwargs); the key is where the value lands in the stage's config.
 Flag = tuple[str, str, dict[str, Any]]
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except ConfigError as exc:
+    except EmotionRayError as exc:
         print(f"emotion-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

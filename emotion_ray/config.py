@@ -14,12 +14,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from emotion_ray.errors import ConfigError  # noqa: F401 - re-exported: callers catch it from here
+
 DEFAULT_CLASSES = ["angry", "happy", "sad"]
 CPU_SCORE_BATCH, GPU_SCORE_BATCH = 64, 256
-
-
-class ConfigError(ValueError):
-    """A configuration problem, worded for the person who wrote the config."""
 
 
 class StrictModel(BaseModel):
