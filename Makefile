@@ -8,7 +8,7 @@ DEMO_PER_CLASS ?= 100
 DEMO_IMAGE_SIZE ?= 256
 DEMO_EPOCHS ?= 12
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The inner loop: tests that need no Ray, TensorFlow or server (pytest -m fast), under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m fast -q
 
 bench: install
 	$(BIN)/python -m bench.prepare

@@ -10,6 +10,9 @@ import shutil
 from pathlib import Path
 
 from emotion_ray.demo import make_demo_dataset
+from emotion_ray.runtime import setup_process
+
+setup_process()  # every benchmark imports this module before TensorFlow loads
 
 ROOT = Path(__file__).resolve().parent
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/emotion_ray_bench"))

@@ -15,7 +15,7 @@ from PIL import Image
 
 from bench.common import WORK, demo_files, record
 from emotion_ray.config import PrepareConfig
-from emotion_ray.data import prepare
+from emotion_ray.prepare import prepare
 from emotion_ray.runtime import init_ray
 
 

@@ -37,12 +37,12 @@ CLASSES = ["angry", "happy", "sad"]
 
 
 def model_dir() -> Path:
-    from emotion_ray.model import build_model
+    from emotion_ray.model import build_model, save_model
 
     run = WORK / "score_model"
     if not (run / "model.keras").exists():
         run.mkdir(parents=True, exist_ok=True)
-        build_model(ModelConfig(), 3, SIZE).save(run / "model.keras")
+        save_model(build_model(ModelConfig(), 3, SIZE), str(run / "model.keras"))
         (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
     return run
 
@@ -90,7 +90,8 @@ def peak_rss_of_score(inputs: Path, output: Path, use_gpu: bool) -> int:
 
 def main() -> None:
     from emotion_ray.images import decode_image
-    from emotion_ray.model import inference_function, load_model
+    from emotion_ray.inference import forward_pass
+    from emotion_ray.model import load_model
     from emotion_ray.score import score
 
     src = demo_files("score", per_class=334, canvas=512)
@@ -108,11 +109,11 @@ def main() -> None:
     decode_cpu_s = (time.process_time() - cpu_start) / len(files)
 
     # (a) compute limit, as #4 defines it: model.predict on preloaded uint8 tensors, batches of 64.
-    # (a') the forward pass `score` itself runs (model.inference_function, batches of 64): faster
+    # (a') the forward pass `score` itself runs (inference.forward_pass, batches of 64): faster
     # than model.predict, so the pipeline is also measured against it. One pass over 1,002
     # images is ~3 s, and a single sample swung by 20 % between runs here: each is the median
     # of 3 passes, interleaved so that both see the same moments of the machine.
-    forward = inference_function(model)
+    forward = forward_pass(model)
     model.predict(pixels[:64], verbose=0)
     forward(pixels[:64])
 

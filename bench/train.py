@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from bench.common import WORK, demo_files, record
 from emotion_ray.config import ModelConfig, PrepareConfig, TrainConfig
-from emotion_ray.data import prepare
+from emotion_ray.prepare import prepare
 from emotion_ray.images import pixels_from_arrow
 from emotion_ray.runtime import init_ray
 
@@ -44,7 +44,7 @@ def streamed_read(dataset, manifest) -> dict:
     task per shard (Ray's default); CPU is the whole machine's, Ray's processes included."""
     import psutil
 
-    import emotion_ray.data as data_mod
+    import emotion_ray.dataset as data_mod
 
     copies = 40
     big = WORK / f"{dataset.name}_x{copies}"

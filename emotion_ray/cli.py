@@ -59,6 +59,12 @@ SCORE_FLAGS: list[Flag] = [
     ("--tracking-uri", "mlflow_tracking_uri", {}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
+PREDICT_FLAGS: list[Flag] = [
+    ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "as score's, for identical probabilities"}),
+    ("--tracking-uri", "mlflow_tracking_uri", {}),
+    ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+]
 
 
 def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
@@ -68,9 +74,10 @@ def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
         parser.add_argument(flag, dest=key, default=None, **kwargs)
 
 
-def _config_from_args(model, args: argparse.Namespace, flags: list[Flag]):
+def _config_from_args(model, args: argparse.Namespace, flags: list[Flag], positional: tuple[str, ...] = ()):
     overrides = dict(parse_override(item) for item in args.set)
-    overrides.update({key: getattr(args, key) for _, key, _ in flags if getattr(args, key) is not None})
+    keys = [key for _, key, _ in flags] + list(positional)
+    overrides.update({key: getattr(args, key) for key in keys if getattr(args, key) is not None})
     return load_config(model, args.config, overrides)
 
 
@@ -84,7 +91,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     cfg = _config_from_args(PrepareConfig, args, PREPARE_FLAGS)
-    from emotion_ray.data import prepare
+    from emotion_ray.prepare import prepare
 
     manifest = prepare(cfg)
     print(format_prepare_summary(cfg.output, manifest))
@@ -123,9 +130,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from emotion_ray.score import predict
+    cfg = _config_from_args(PredictConfig, args, PREDICT_FLAGS, positional=("inputs",))
+    from emotion_ray.inference import predict
 
-    results = predict(args.model, args.images, tracking_uri=args.tracking_uri)
+    results = predict(cfg)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -176,15 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("predict", help="predict a few images (same code path as score)")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--model", required=True, help="run dir, .keras file, or models:/name/version")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE")
+    _add_flags(p, PREDICT_FLAGS)
     p.add_argument("--json", action="store_true")
-    p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_predict)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from emotion_ray.runtime import setup_process
+
+    setup_process()  # before anything imports TensorFlow
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:

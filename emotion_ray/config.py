@@ -39,14 +39,24 @@ class StorageConfig(StrictModel):
     )
 
 
-class PrepareConfig(StrictModel):
+class DecodeLimits(StrictModel):
+    """What a file may be before decoding refuses it: the one definition prepare and score share."""
+
+    max_pixels: int = Field(50_000_000, gt=0, description="Images with more pixels are rejected "
+                            "(~7000x7000; more is a decompression-bomb risk, not a face photo).")
+    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Larger files are rejected unread.")
+
+    def decode_limits(self) -> DecodeLimits:
+        """Just the limits (what decode tasks need), not the whole stage config."""
+        return DecodeLimits(max_pixels=self.max_pixels, max_file_bytes=self.max_file_bytes)
+
+
+class PrepareConfig(DecodeLimits):
     inputs: list[str] = Field(min_length=1, description="Roots laid out as <root>/<label>/**/<image>.")
     output: str = Field(description="Folder or s3:// prefix for the prepared dataset.")
     classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
     image_size: int = Field(256, ge=8, le=2048)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
-    max_pixels: int = Field(50_000_000, gt=0, description="Images with more pixels are rejected.")
-    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
     rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
     overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -135,8 +145,6 @@ class TrainConfig(StrictModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
-    # Set by tune.py so each trial's MLflow run hangs under the experiment's parent run.
-    mlflow_parent_run_id: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -151,14 +159,31 @@ class TrainConfig(StrictModel):
         return self
 
 
-class ScoreConfig(StrictModel):
+class InferenceConfig(DecodeLimits):
+    """What `score` and `predict` share: the model, its batches and where it comes from."""
+
     model: str = Field(description="Run directory, .keras file (local or s3://) or models:/name/version.")
-    inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, .zip/.tar archives, or .txt files listing paths.")
-    output: str = Field(description="Folder or s3:// prefix for the Parquet predictions.")
-    use_gpu: bool = False
     batch_size: int | None = Field(
         None, ge=1, description=f"Images per model call. Unset: {CPU_SCORE_BATCH} on CPU, {GPU_SCORE_BATCH} with use_gpu."
     )
+    mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+
+class PredictConfig(InferenceConfig):
+    inputs: list[str] = Field(min_length=1, description="Image files (local, s3:// or archive members).")
+
+    @model_validator(mode="after")
+    def _default_batch(self) -> PredictConfig:
+        if self.batch_size is None:
+            self.batch_size = CPU_SCORE_BATCH  # the same padded batch as score on CPU: bit-identical outputs
+        return self
+
+
+class ScoreConfig(InferenceConfig):
+    inputs: list[str] = Field(min_length=1, description="Folders, s3:// prefixes, .zip/.tar archives, or .txt files listing paths.")
+    output: str = Field(description="Folder or s3:// prefix for the Parquet predictions.")
+    use_gpu: bool = False
     num_predictors: int | None = Field(
         None,
         ge=1,
@@ -183,10 +208,6 @@ class ScoreConfig(StrictModel):
         description="Object-store bytes the pipeline may hold at once (decoded images waiting for a "
         "predictor): keeps memory flat however many files there are.",
     )
-    max_pixels: int = Field(50_000_000, gt=0)
-    max_file_bytes: int = Field(50 * 1024 * 1024, gt=0)
-    mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
 
     @model_validator(mode="after")
     def _device_defaults(self) -> ScoreConfig:
@@ -200,7 +221,7 @@ class ScoreConfig(StrictModel):
         return self
 
 
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for key in keys[:-1]:
         node = target.setdefault(key, {})
@@ -215,7 +236,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    if not raw.strip():
+        raise ConfigError(f"override {text!r} has no value (to use the default, leave the key out)")
+    return key.strip(), yaml.safe_load(raw)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -246,7 +269,7 @@ def build_config(model: type[BaseModel], base: dict[str, Any] | None = None, ove
     data: dict[str, Any] = dict(base or {})
     for dotted, value in (overrides or {}).items():
         if value is not None:
-            _set_dotted(data, dotted, value)
+            set_dotted(data, dotted, value)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -255,3 +278,127 @@ def build_config(model: type[BaseModel], base: dict[str, Any] | None = None, ove
 
 def load_config(model: type[BaseModel], yaml_path: str | None = None, overrides: dict[str, Any] | None = None):
     return build_config(model, read_yaml(yaml_path) if yaml_path else {}, overrides)
+
+
+# ----------------------------------------------------------------------------- tune
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class Distribution(StrictModel):
+    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], randint [lo, hi), choice [...], grid [...]."""
+
+    loguniform: list[float] | None = None
+    uniform: list[float] | None = None
+    randint: list[int] | None = None
+    choice: list[Any] | None = None
+    grid: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Distribution:
+        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}")
+        kind = given[0]
+        values = getattr(self, kind)
+        if kind in ("loguniform", "uniform", "randint"):
+            if len(values) != 2 or not values[0] < values[1]:
+                raise ValueError(f"{kind} needs [low, high] with low < high, got {values}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {values}")
+        elif not values:
+            raise ValueError(f"{kind} needs at least one value")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
+
+    def examples(self) -> list[Any]:
+        """Values used to validate the space against TrainConfig before any trial starts."""
+        values = getattr(self, self.kind)
+        if self.kind == "randint":
+            return [values[0], values[1] - 1]
+        return list(values)
+
+
+class SearchConfig(StrictModel):
+    algorithm: Literal["random", "grid", "optuna"] = "random"
+    seed: int = 0
+
+
+class SchedulerConfig(StrictModel):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
+    reduction_factor: float = Field(2, gt=1)
+
+
+class TrialResources(StrictModel):
+    workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float | None = Field(None, gt=0)
+
+
+class TuneConfig(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Experiment name; re-use it to resume.")
+    data: str
+    output: str = "tune_runs"
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    num_samples: int = Field(4, ge=1, description="Trials to sample (per grid point when grids are used).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Unset: as many as the cluster fits.")
+    time_budget_s: float | None = Field(None, gt=0, description="Stop starting/continuing trials after this.")
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    trial: TrialResources = Field(default_factory=TrialResources)
+    base: dict[str, Any] = Field(default_factory=dict, description="Train config keys shared by all trials.")
+    space: dict[str, Distribution] = Field(min_length=1)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("base")
+    @classmethod
+    def _base_has_no_owned_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        owned = {"data", "output", "run_name", "resume", "workers", "use_gpu", "cpus_per_worker", "mlflow", "storage"}
+        clash = sorted(owned & set(value))
+        if clash:
+            raise ValueError(f"set {clash} at the top level or under trial:, not under base:")
+        return value
+
+    @model_validator(mode="after")
+    def _space_fits_train_config(self) -> TuneConfig:
+        if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
+            raise ValueError("grid values need search.algorithm random or grid; Optuna samples, it does not grid")
+        if self.search.algorithm == "grid" and any(d.kind not in ("grid", "choice") for d in self.space.values()):
+            raise ValueError("search.algorithm grid takes only grid/choice values")
+        # Every key and every example value must make a valid TrainConfig, now, not at 3 a.m.
+        for key, dist in self.space.items():
+            for value in dist.examples():
+                self.train_config({key: value})
+        return self
+
+    def train_config(self, sampled: dict[str, Any], run_name: str | None = None) -> TrainConfig:
+        from emotion_ray import storage
+
+        data: dict[str, Any] = {}
+        for key, value in self.base.items():
+            set_dotted(data, key, value)
+        for key, value in sampled.items():
+            set_dotted(data, key, value)
+        data.update(
+            data=self.data,
+            output=storage.join(self.experiment_dir, "train_runs"),
+            run_name=run_name,
+            workers=self.trial.workers,
+            use_gpu=self.trial.use_gpu,
+            cpus_per_worker=self.trial.cpus_per_worker,
+            mlflow=self.mlflow.model_dump(),
+            storage=self.storage.model_dump(),
+        )
+        return build_config(TrainConfig, data)
+
+    @property
+    def experiment_dir(self) -> str:
+        from emotion_ray import storage
+
+        out = self.output if storage.is_s3(self.output) else os.path.abspath(self.output)
+        return storage.join(out, self.name)

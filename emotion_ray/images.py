@@ -25,10 +25,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from emotion_ray.config import DecodeLimits
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 ALPHA_BACKGROUND = (255, 255, 255)
-DEFAULT_MAX_PIXELS = 50_000_000  # ~7000x7000; bigger is a decompression-bomb risk, not a face photo
-DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
+# The limits' one definition is config.DecodeLimits; these are its defaults.
+DEFAULT_MAX_PIXELS = DecodeLimits().max_pixels
+DEFAULT_MAX_FILE_BYTES = DecodeLimits().max_file_bytes
 
 # Pillow's own guard warns above MAX_IMAGE_PIXELS and raises at twice that; we check the header
 # against our own limit first, so keep Pillow's error as the backstop only.

@@ -1,7 +1,12 @@
 """Architecture registry. Every model takes uint8 RGB (N, size, size, 3) and scales inside itself.
 
 Uses tf.keras with TF_USE_LEGACY_KERAS=1 (tf-keras): Keras 3 breaks model.fit under
-MultiWorkerMirroredStrategy. Import this module only where TensorFlow may load.
+MultiWorkerMirroredStrategy. Import this module only where TensorFlow may load; the process
+must have run `runtime.setup_process()` first (the CLI, jobs/ and Ray workers started by the
+package do), and importing it on Keras 3 fails at once with what to do.
+
+Model files are Keras zip files (`.keras`), written and read only through `save_model` and
+`load_model` here: see their docstrings for why neither trusts tf-keras' defaults.
 """
 
 from __future__ import annotations
@@ -9,12 +14,18 @@ from __future__ import annotations
 import os
 import tempfile
 
-from emotion_ray import runtime  # noqa: F401 - must precede the TensorFlow import
 from emotion_ray.config import ModelConfig, StorageConfig
+from emotion_ray.errors import ConfigError
 
 import tensorflow as tf  # noqa: E402
 
 keras = tf.keras
+if not keras.__name__.startswith("tf_keras"):
+    raise ImportError(
+        "emotion_ray needs tf-keras: TensorFlow was imported before TF_USE_LEGACY_KERAS=1 was set. "
+        "Call emotion_ray.runtime.setup_process() before importing TensorFlow."
+    )
+KERAS_ZIP_MAGIC = b"PK\x03\x04"
 METRIC_NAMES = ("categorical_accuracy", "precision", "recall")
 
 
@@ -121,33 +132,38 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     return model
 
 
-def share_gpus() -> None:
-    """Let TensorFlow take GPU memory as it needs it, not all of it at start.
+def save_model(model: keras.Model, path: str, include_optimizer: bool = True) -> None:
+    """Write `model` as a Keras zip file at `path` (name it `.keras`).
 
-    By default the first process on a GPU claims nearly all its memory, so a second predictor
-    given the same GPU (`gpus_per_predictor` < 1) fails to start. Call before anything runs on
-    the GPU; without GPUs it does nothing.
+    The format is asked for explicitly: tf-keras keeps its "new format" switch per thread, and
+    Ray Train runs the training loop in a thread where a `.keras` name alone fell back to HDF5
+    (which `load_model(safe_mode=True)` cannot guard). `include_optimizer=False` writes an
+    inference-only file (the optimizer's slots are twice the weights for Adam); checkpoints
+    keep it, for resuming.
     """
-    for gpu in tf.config.list_physical_devices("GPU"):
-        try:
-            tf.config.experimental.set_memory_growth(gpu, True)
-        except RuntimeError:  # this process already runs on the GPU (a second predict() call): too late
-            pass
+    if not include_optimizer and model.optimizer is not None:
+        trained = model
+        model = keras.models.clone_model(trained)  # the same layers, never compiled: no optimizer
+        model.set_weights(trained.get_weights())
+    model.save(path, save_format="keras_v3")
 
 
 def load_model(path: str, compile: bool = False) -> keras.Model:
-    """Load a `.keras` file. safe_mode=True: no arbitrary code from the file runs."""
-    return keras.models.load_model(path, safe_mode=True, compile=compile)
+    """Load a Keras zip file with safe_mode=True: a `Lambda` layer's Python code is refused.
 
-
-def inference_function(model: keras.Model):
-    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images -> probabilities.
-
-    Scoring and evaluation call this rather than `predict_on_batch`, which re-enters Keras'
-    predict machinery (a data adapter per call, run in Python between the graph's ops); the
-    outputs are identical, and on 2 CPU cores it is 1.15-1.2x faster alone and +15% end to end
-    in `score` (bench/RESULTS.md). The batch dimension is left open, so one trace serves every
-    batch size.
+    tf-keras reads a file named `.keras` that is not a zip (e.g. HDF5) through its legacy
+    loader, which ignores safe_mode and would run such code: anything but a Keras zip is
+    refused here. Raises ConfigError naming the file and what it is.
     """
-    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
-    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic != KERAS_ZIP_MAGIC:
+        kind = "an HDF5 file" if magic == b"\x89HDF" else f"not a zip file (starts with {magic!r})"
+        raise ConfigError(f"model file {path} is {kind}, not a Keras zip (.keras) file; refusing to load it "
+                          "(only Keras zip files can be loaded without running code they hold)")
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=compile)
+    except ValueError as exc:
+        if "safe_mode" in str(exc) or "Lambda" in str(exc):
+            raise ConfigError(f"model file {path} holds Python code (a Lambda layer); refusing to load it") from None
+        raise

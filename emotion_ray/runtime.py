@@ -1,23 +1,44 @@
-"""Starting or joining Ray with the environment every worker needs."""
+"""Process set-up, and every switch that depends on the Ray version, in one file.
+
+`setup_process()` is the one place that writes the environment; the CLI, `jobs/`, the tests,
+the benchmarks and the MLflow model call it before anything imports TensorFlow. Nothing in
+the package writes the environment at import time.
+
+The rest are small named functions around behaviour that moved between Ray releases (private
+address resolution, the job's runtime env, the Parquet reader, operator fusion, actor waits).
+Each has a test in tests/test_runtime.py, so a Ray upgrade is a review of this one file.
+Checked against Ray 2.60.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from typing import Any, Iterator
 
 # Keras 3 breaks model.fit under MultiWorkerMirroredStrategy; tf-keras works, but only if this
 # is set before TensorFlow is first imported in a process, so it must reach every Ray worker
 # before any code runs there: through the runtime environment, or by inheritance when
 # init_ray starts Ray itself (setting it inside the training function is too late).
 WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-os.environ.update({k: os.environ.get(k, v) for k, v in WORKER_ENV.items()})
 
 
-def _starts_its_own_ray(address: str | None) -> bool:
+def setup_process() -> None:
+    """Give this process (and the Ray it may start) the environment TensorFlow needs.
+
+    Idempotent; a value the user exported wins. Must run before TensorFlow is imported: after
+    that, `tf.keras` is already fixed, and `model.py` refuses to run on Keras 3.
+    """
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def starts_its_own_ray(address: str | None) -> bool:
     """Whether `ray.init(address)` will start a new Ray here rather than join a running one.
 
     Ray's own address resolution answers it (RAY_ADDRESS, then a `ray start` head on this
-    machine); it is private, so any doubt answers False.
+    machine); it is private API, so any doubt answers False (the safe, slower path).
     """
     try:
         from ray._private.services import canonicalize_bootstrap_address
@@ -27,27 +48,80 @@ def _starts_its_own_ray(address: str | None) -> bool:
         return False
 
 
+def job_env_vars() -> dict[str, str]:
+    """Environment variables the enclosing `ray job submit` already sets for its workers.
+
+    Ray passes the job's config to the driver as JSON in RAY_JOB_CONFIG_JSON_ENV_VAR; it refuses
+    a runtime env that sets a variable the job also sets, so callers add only the others.
+    """
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return dict((job_config.get("runtime_env") or {}).get("env_vars") or {})
+
+
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` / $RAY_ADDRESS (as `ray job submit` sets), else start a local one."""
     import ray
 
     if ray.is_initialized():
         return
+    setup_process()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if _starts_its_own_ray(address):
+    if starts_its_own_ray(address):
         # Its processes inherit this environment, WORKER_ENV included. A runtime env would
-        # make every worker start through Ray's runtime-env agent: an actor is ready in 1.15 s
-        # instead of 0.42 s, and Ray's pre-started workers go unused.
+        # make every worker start through Ray's runtime-env agent and leave Ray's pre-started
+        # workers unused (actor start-up: bench/RESULTS.md, score).
         env_vars = {}
     else:
-        # Inside `ray job submit` the job's runtime env is merged with ours, and Ray refuses a
-        # variable set in both: add only what the job did not set itself.
-        job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-        job_env_vars = (job_config.get("runtime_env") or {}).get("env_vars") or {}
-        env_vars = {k: v for k, v in WORKER_ENV.items() if k not in job_env_vars}
+        already = job_env_vars()
+        env_vars = {k: v for k, v in WORKER_ENV.items() if k not in already}
     ray.init(
         address=address,
         runtime_env={"env_vars": env_vars} if env_vars else None,
         log_to_driver=True,
         logging_level="WARNING",
     )
+
+
+def train_worker_runtime_env() -> dict[str, Any]:
+    """Ray Train's `worker_runtime_env`: the worker environment on a joined cluster too."""
+    return {"env_vars": dict(WORKER_ENV)}
+
+
+@contextlib.contextmanager
+def parquet_reader_v1() -> Iterator[None]:
+    """Build `read_parquet` datasets with Ray Data's V1 Parquet reader while inside.
+
+    The V2 reader lists the files again in a task every time the dataset runs; callers that
+    already know every file (a manifest) lose seconds per training epoch to it
+    (bench/RESULTS.md, train). The caller's setting is restored on exit.
+    """
+    import ray
+
+    context = ray.data.DataContext.get_current()
+    before, context.use_datasource_v2 = context.use_datasource_v2, False
+    try:
+        yield
+    finally:
+        context.use_datasource_v2 = before
+
+
+def unfused_task_options(memory_bytes: int) -> dict[str, Any]:
+    """`map_batches` options that declare a task's memory and keep it a separate operator.
+
+    Ray Data fuses consecutive map operators whose remote args are identical; a task-based
+    decode step fused into an actor pool would then decode serially inside the few actors
+    that hold the model, instead of on every free CPU. Declaring memory makes the args differ.
+    """
+    return {"memory": int(memory_bytes)}
+
+
+def cap_inflight_bytes(dataset, max_bytes: int) -> None:
+    """Bound the object-store bytes a streaming `dataset` holds at once (decoded batches waiting)."""
+    options = dataset.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=max_bytes)
+
+
+def bound_actor_wait(dataset, seconds: float) -> None:
+    """Make a dataset's actor pool give up (GetTimeoutError) if its initial actors have not
+    started within `seconds`: by default Ray waits forever for resources no node has."""
+    dataset.context.wait_for_min_actors_s = seconds

@@ -77,16 +77,58 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     )
 
 
-def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, test_metrics: dict[str, float]) -> str | None:
-    """Log the run directory's files and the model; register it. Returns the model version URI."""
+def _pip_requirements() -> list[str]:
+    """What the logged model needs on a fresh machine: the package itself travels with the model
+    (code_paths), so only its public dependencies are named, at the versions installed here."""
+    from importlib.metadata import version
+
+    names = ["tensorflow", "tf-keras", "numpy", "pillow", "pyarrow", "pydantic", "pyyaml", "fsspec", "pandas"]
+    return [f"{name}=={version(name)}" for name in names]
+
+
+def _example_image() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _signature(classes: list[str]):
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
+    outputs = Schema([ColSpec("string", "path"), ColSpec("string", "label"), ColSpec("float", "confidence")]
+                     + [ColSpec("float", f"prob_{c}") for c in classes]
+                     + [ColSpec("integer", "width"), ColSpec("integer", "height"), ColSpec("string", "error")])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, metrics: dict[str, Any]) -> str | None:
+    """Log the run directory's files, the test metrics (and which epoch the saved model is),
+    and the model as a pyfunc; register it. Returns the model version URI."""
+    import json
+
     import mlflow
+    import pandas as pd
+
+    import emotion_ray
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     c = client(cfg.tracking_uri)
-    log_metrics(cfg.tracking_uri, run_id, {f"test_{k}": v for k, v in test_metrics.items()}, step=0)
+    log_metrics(cfg.tracking_uri, run_id, {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=0)
+    if metrics.get("best_epoch") is not None:
+        # The saved model is the best epoch's, not the last one's that the run page shows.
+        log_metrics(cfg.tracking_uri, run_id, {"saved_model_epoch": metrics["best_epoch"]}, step=0)
+        c.set_tag(run_id, "emotion_ray.saved_model_epoch", str(metrics["best_epoch"]))
     for name in sorted(os.listdir(export_dir)):
         if name != "model.keras":
             c.log_artifact(run_id, os.path.join(export_dir, name))
+    with open(os.path.join(export_dir, "labels.json")) as fh:
+        classes = json.load(fh)["classes"]
     version_uri = None
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
@@ -94,8 +136,11 @@ def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, test_metrics: di
             python_model=EmotionPyfunc(),
             artifacts={"model": os.path.join(export_dir, "model.keras"),
                        "labels": os.path.join(export_dir, "labels.json")},
+            code_paths=[os.path.dirname(emotion_ray.__file__)],
             registered_model_name=cfg.registered_model_name,
-            pip_requirements=["emotion-ray", "tensorflow>=2.21,<2.22", "tf-keras>=2.21,<2.22", "pillow"],
+            pip_requirements=_pip_requirements(),
+            signature=_signature(classes),
+            input_example=pd.DataFrame({"image": [_example_image()]}),
         )
         if cfg.registered_model_name and info.registered_model_version:
             version_uri = f"models:/{cfg.registered_model_name}/{info.registered_model_version}"
@@ -123,34 +168,41 @@ try:
     import mlflow.pyfunc as _pyfunc
 
     class EmotionPyfunc(_pyfunc.PythonModel):
-        """Serves the model from MLflow: input a DataFrame with a `path` column of image files."""
+        """The registered model: `score`'s decode and Predictor behind MLflow's pyfunc interface.
+
+        Input: a DataFrame with an `image` column (the file's bytes; base64 in JSON, as
+        `mlflow models serve` receives them) and/or a `path` column (local, `s3://` or archive
+        member paths, read where the model runs). Output: one row per input with score's
+        columns (path, label, confidence, prob_<class>, width, height, error); an unreadable or
+        undecodable input is an error row, never a failed batch. Probabilities equal `score`'s
+        and `predict`'s bit for bit (the same padded batches).
+        """
 
         def load_context(self, context):
-            import json
+            from emotion_ray.runtime import setup_process
 
-            from emotion_ray.model import load_model
+            setup_process()  # before TensorFlow loads in the serving process
+            from emotion_ray.config import CPU_SCORE_BATCH
+            from emotion_ray.inference import Predictor, bundle_from_files
 
-            self.model = load_model(context.artifacts["model"])
-            with open(context.artifacts["labels"]) as fh:
-                self.labels = json.load(fh)
+            bundle = bundle_from_files(context.artifacts["model"], context.artifacts["labels"])
+            self.predictor = Predictor(bundle, CPU_SCORE_BATCH)
 
         def predict(self, context, model_input, params=None):
-            import numpy as np
-            import pandas as pd
+            import pyarrow as pa
 
-            from emotion_ray.images import decode_image
+            from emotion_ray.config import DecodeLimits, StorageConfig
+            from emotion_ray.sources import decode_table
 
-            size, classes = self.labels["image_size"], self.labels["classes"]
-            rows = []
-            for path in model_input["path"]:
-                with open(path, "rb") as fh:
-                    decoded = decode_image(fh.read(), size)
-                if decoded.error:
-                    rows.append({"label": None, "error": decoded.error, **{c: np.nan for c in classes}})
-                    continue
-                probs = self.model(decoded.pixels[None], training=False).numpy()[0]
-                rows.append({"label": classes[int(probs.argmax())], "error": None, **dict(zip(classes, probs))})
-            return pd.DataFrame(rows)
+            n = len(model_input)
+            paths = list(model_input["path"]) if "path" in model_input else [None] * n
+            images = list(model_input["image"]) if "image" in model_input else [None] * n
+            data = [bytes(b) if isinstance(b, (bytes, bytearray)) else None for b in images]
+            paths = [p if isinstance(p, str) else f"<input row {i}>" for i, p in enumerate(paths)]
+            batch = pa.table({"path": pa.array(paths, pa.string()), "data": pa.array(data, pa.binary())})
+            decoded = decode_table(batch, self.predictor.bundle.image_size, DecodeLimits(), StorageConfig())
+            rows = self.predictor(decoded).drop_columns(["model_id", "scored_at"])
+            return rows.to_pandas()
 
 except ImportError:  # pragma: no cover - mlflow is a hard dependency; keep imports cheap elsewhere
     EmotionPyfunc = None  # type: ignore[assignment,misc]

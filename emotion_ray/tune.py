@@ -14,156 +14,36 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Literal
+import tempfile
+from typing import Any
 
 import yaml
-from pydantic import Field, field_validator, model_validator
 
 from emotion_ray import storage
-from emotion_ray.config import (
-    ConfigError,
-    MlflowConfig,
-    StorageConfig,
-    StrictModel,
-    TrainConfig,
-    _set_dotted,
-    build_config,
-    read_yaml,
-)
+from emotion_ray.config import Distribution, TrainConfig, TuneConfig, build_config, read_yaml
+from emotion_ray.errors import ConfigError, StageError
 
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
-
-
-class Distribution(StrictModel):
-    """Exactly one of: loguniform [lo, hi], uniform [lo, hi], randint [lo, hi), choice [...], grid [...]."""
-
-    loguniform: list[float] | None = None
-    uniform: list[float] | None = None
-    randint: list[int] | None = None
-    choice: list[Any] | None = None
-    grid: list[Any] | None = None
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Distribution:
-        given = [k for k in DISTRIBUTIONS if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(DISTRIBUTIONS)}; got {given or 'none'}")
-        kind = given[0]
-        values = getattr(self, kind)
-        if kind in ("loguniform", "uniform", "randint"):
-            if len(values) != 2 or not values[0] < values[1]:
-                raise ValueError(f"{kind} needs [low, high] with low < high, got {values}")
-            if kind == "loguniform" and values[0] <= 0:
-                raise ValueError(f"loguniform needs low > 0, got {values}")
-        elif not values:
-            raise ValueError(f"{kind} needs at least one value")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(k for k in DISTRIBUTIONS if getattr(self, k) is not None)
-
-    def examples(self) -> list[Any]:
-        """Values used to validate the space against TrainConfig before any trial starts."""
-        values = getattr(self, self.kind)
-        if self.kind == "randint":
-            return [values[0], values[1] - 1]
-        return list(values)
-
-    def to_tune(self):
-        from ray import tune
-
-        values = getattr(self, self.kind)
-        return {
-            "loguniform": lambda: tune.loguniform(*values),
-            "uniform": lambda: tune.uniform(*values),
-            "randint": lambda: tune.randint(*values),
-            "choice": lambda: tune.choice(values),
-            "grid": lambda: tune.grid_search(values),
-        }[self.kind]()
-
-
-class SearchConfig(StrictModel):
-    algorithm: Literal["random", "grid", "optuna"] = "random"
-    seed: int = 0
-
-
-class SchedulerConfig(StrictModel):
-    type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(1, ge=1, description="Epochs every trial gets before ASHA may stop it.")
-    reduction_factor: float = Field(2, gt=1)
-
-
-class TrialResources(StrictModel):
-    workers: int = Field(1, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float | None = Field(None, gt=0)
-
-
-class TuneConfig(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Experiment name; re-use it to resume.")
-    data: str
-    output: str = "tune_runs"
-    metric: str = "val_loss"
-    mode: Literal["min", "max"] = "min"
-    num_samples: int = Field(4, ge=1, description="Trials to sample (per grid point when grids are used).")
-    max_concurrent_trials: int | None = Field(None, ge=1, description="Unset: as many as the cluster fits.")
-    time_budget_s: float | None = Field(None, gt=0, description="Stop starting/continuing trials after this.")
-    search: SearchConfig = Field(default_factory=SearchConfig)
-    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
-    trial: TrialResources = Field(default_factory=TrialResources)
-    base: dict[str, Any] = Field(default_factory=dict, description="Train config keys shared by all trials.")
-    space: dict[str, Distribution] = Field(min_length=1)
-    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
-    storage: StorageConfig = Field(default_factory=StorageConfig)
-
-    @field_validator("base")
-    @classmethod
-    def _base_has_no_owned_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
-        owned = {"data", "output", "run_name", "resume", "workers", "use_gpu", "cpus_per_worker", "mlflow", "storage"}
-        clash = sorted(owned & set(value))
-        if clash:
-            raise ValueError(f"set {clash} at the top level or under trial:, not under base:")
-        return value
-
-    @model_validator(mode="after")
-    def _space_fits_train_config(self) -> TuneConfig:
-        if self.search.algorithm == "optuna" and any(d.kind == "grid" for d in self.space.values()):
-            raise ValueError("grid values need search.algorithm random or grid; Optuna samples, it does not grid")
-        if self.search.algorithm == "grid" and any(d.kind not in ("grid", "choice") for d in self.space.values()):
-            raise ValueError("search.algorithm grid takes only grid/choice values")
-        # Every key and every example value must make a valid TrainConfig, now, not at 3 a.m.
-        for key, dist in self.space.items():
-            for value in dist.examples():
-                self.train_config({key: value})
-        return self
-
-    def train_config(self, sampled: dict[str, Any], run_name: str | None = None) -> TrainConfig:
-        data: dict[str, Any] = {}
-        for key, value in self.base.items():
-            _set_dotted(data, key, value)
-        for key, value in sampled.items():
-            _set_dotted(data, key, value)
-        data.update(
-            data=self.data,
-            output=storage.join(self.experiment_dir, "train_runs"),
-            run_name=run_name,
-            workers=self.trial.workers,
-            use_gpu=self.trial.use_gpu,
-            cpus_per_worker=self.trial.cpus_per_worker,
-            mlflow=self.mlflow.model_dump(),
-            storage=self.storage.model_dump(),
-        )
-        return build_config(TrainConfig, data)
-
-    @property
-    def experiment_dir(self) -> str:
-        out = self.output if storage.is_s3(self.output) else os.path.abspath(self.output)
-        return storage.join(out, self.name)
+# What each trial's driver function reserves: it only drives its TensorflowTrainer, the
+# workers hold the CPUs (Tune refuses an empty resource request, hence a token 1 %).
+TRIAL_DRIVER_CPUS = 0.01
 
 
 def load_tune_config(path: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
     return build_config(TuneConfig, read_yaml(path), overrides)
+
+
+def tune_domain(dist: Distribution):
+    """A config Distribution -> the Ray Tune search domain it describes."""
+    from ray import tune
+
+    values = getattr(dist, dist.kind)
+    return {
+        "loguniform": lambda: tune.loguniform(*values),
+        "uniform": lambda: tune.uniform(*values),
+        "randint": lambda: tune.randint(*values),
+        "choice": lambda: tune.choice(values),
+        "grid": lambda: tune.grid_search(values),
+    }[dist.kind]()
 
 
 def _trial(config: dict[str, Any]) -> None:
@@ -195,7 +75,7 @@ def _check_resources(cfg: TuneConfig) -> tuple[int, float | None]:
     """Fail fast on trials the cluster can never run; return (concurrent trials, CPUs per worker)."""
     import ray
 
-    from emotion_ray.train import TRIAL_DRIVER_CPUS, worker_cpus
+    from emotion_ray.train import worker_cpus
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
@@ -213,7 +93,7 @@ def _check_resources(cfg: TuneConfig) -> tuple[int, float | None]:
         fits = max(1, int((cpus - 1) // (per_worker * workers + TRIAL_DRIVER_CPUS)))
         return cfg.max_concurrent_trials or fits, per_worker
     trials = cfg.max_concurrent_trials or max(1, int((cpus - 1) // (workers + TRIAL_DRIVER_CPUS)))
-    return trials, worker_cpus(workers, False, trials=trials)
+    return trials, worker_cpus(cpus, workers, False, groups=trials, reserved=TRIAL_DRIVER_CPUS * trials)
 
 
 def _search(cfg: TuneConfig):
@@ -263,8 +143,9 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     from ray.train import Checkpoint
 
     from emotion_ray import tracking
+    from emotion_ray.evaluate import export_run
     from emotion_ray.runtime import init_ray
-    from emotion_ray.train import TRIAL_DRIVER_CPUS, _run_storage, export_run, resolve_dataset
+    from emotion_ray.train import resolve_dataset, run_storage
 
     cfg = load_tune_config(config_path, overrides)
     init_ray()
@@ -279,13 +160,11 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
         parent_run_id = tracking.start_run(cfg.mlflow, f"tune_{cfg.name}", cfg.model_dump(mode="json"), resume=True)
     setup = {"tune": cfg.model_dump(mode="json"), "dataset_uri": dataset_uri, "manifest": manifest,
              "parent_run_id": parent_run_id}
-    param_space = {key: dist.to_tune() for key, dist in cfg.space.items()}
+    param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    # The trial function only drives its TensorflowTrainer; the workers hold the CPUs. (Tune
-    # refuses an empty resource request, so the driver asks for a token 1% of a CPU.)
     trainable = ray.tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPUS})
     storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
-    storage_path, storage_fs = _run_storage(storage_probe)
+    storage_path, storage_fs = run_storage(storage_probe)
     experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir
 
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
@@ -308,8 +187,6 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
 
     table = _results_table(grid, cfg)
     out = cfg.experiment_dir
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         table.to_parquet(os.path.join(tmp, "trials.parquet"), index=False)
         table.to_csv(os.path.join(tmp, "trials.csv"), index=False)
@@ -317,11 +194,11 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
             storage.upload_file(os.path.join(tmp, name), storage.join(out, name), cfg.storage)
     ranked = table.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in table else table.iloc[0:0]
     if ranked.empty:
-        raise RuntimeError(f"no trial of {cfg.name} produced a checkpoint; see the trial errors above")
+        raise StageError(f"no trial of {cfg.name} produced a checkpoint; see the trial errors above")
     best = ranked.iloc[0]
     sampled = {k[len("config."):]: _plain(v) for k, v in best.items() if k.startswith("config.")}
     best_cfg = cfg.train_config(sampled, run_name=None)
-    best_train = best_cfg.model_dump(mode="json", exclude={"run_name", "resume", "mlflow_parent_run_id"})
+    best_train = best_cfg.model_dump(mode="json", exclude={"run_name", "resume"})
     best_train["output"] = storage.join(out, "best_config_runs")
     best_train["cpus_per_worker"] = user_cpus_per_worker  # let `train` size workers for its own cluster
     storage.write_bytes_atomic(storage.join(out, "best_train_config.yaml"),

@@ -11,7 +11,7 @@ from pathlib import Path
 # The job's working directory holds the package; Ray puts it on the workers' path, not this script's.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from emotion_ray.cli import main  # noqa: E402
+from emotion_ray.cli import main  # noqa: E402  (main sets the process up before TensorFlow loads)
 
 if __name__ == "__main__":
     sys.exit(main(["score", *sys.argv[1:]]))

@@ -24,7 +24,9 @@ os.environ.pop("AWS_ENDPOINT_URL", None)
 os.environ.pop("AWS_ENDPOINT_URL_S3", None)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from emotion_ray import runtime  # noqa: E402  (sets TF_USE_LEGACY_KERAS before TF loads)
+from emotion_ray import runtime  # noqa: E402
+
+runtime.setup_process()  # before anything imports TensorFlow
 from emotion_ray.demo import make_demo_dataset  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -92,7 +94,7 @@ def demo_images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def prepared_demo(ray_session, demo_images, tmp_path_factory) -> Path:
     from emotion_ray.config import PrepareConfig
-    from emotion_ray.data import prepare
+    from emotion_ray.prepare import prepare
 
     out = tmp_path_factory.mktemp("prepared") / "ds"
     prepare(PrepareConfig(inputs=[str(demo_images)], output=str(out), image_size=48))

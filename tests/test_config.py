@@ -11,6 +11,8 @@ from emotion_ray.config import ConfigError, PrepareConfig, ScoreConfig, TrainCon
 
 CLI = [sys.executable, "-m", "emotion_ray.cli"]
 
+pytestmark = pytest.mark.fast
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120)
@@ -62,3 +64,27 @@ def test_every_subcommand_has_help():
     for cmd in ("demo-data", "prepare", "train", "tune", "score", "predict"):
         res = run_cli(cmd, "--help")
         assert res.returncode == 0 and "usage" in res.stdout
+
+
+def test_an_empty_override_is_an_error_not_the_default():
+    res = run_cli("score", "--model", "m", "--input", "i", "--output", "o", "--set", "batch_size=")
+    assert res.returncode == 2 and "batch_size=" in res.stderr and "no value" in res.stderr
+
+
+def test_decode_limits_have_one_definition():
+    from emotion_ray import images
+    from emotion_ray.config import DecodeLimits, PredictConfig
+
+    for cfg in (PrepareConfig(inputs=["i"], output="o"), ScoreConfig(model="m", inputs=["i"], output="o"),
+                PredictConfig(model="m", inputs=["i"])):
+        assert cfg.decode_limits() == DecodeLimits()
+    assert images.DEFAULT_MAX_PIXELS == DecodeLimits().max_pixels
+
+
+def test_tune_schema_lives_with_the_others_and_plumbing_is_not_a_user_key():
+    from emotion_ray.config import TuneConfig
+
+    assert "mlflow_parent_run_id" not in TrainConfig.model_fields
+    with pytest.raises(ConfigError, match="mlflow_parent_run_id: unknown key"):
+        build_config(TrainConfig, {"data": "d", "mlflow_parent_run_id": "x"})
+    assert "space" in TuneConfig.model_fields

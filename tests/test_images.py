@@ -11,6 +11,8 @@ from PIL import Image
 
 from emotion_ray.images import ALPHA_BACKGROUND, decode_image, has_image_extension, pixels_from_arrow, pixels_to_arrow
 
+pytestmark = pytest.mark.fast
+
 
 def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from emotion_ray.config import ModelConfig
-from emotion_ray.model import build_model, compile_model, inference_function, load_model
+from emotion_ray.config import ConfigError
+from emotion_ray.inference import forward_pass
+from emotion_ray.model import KERAS_ZIP_MAGIC, build_model, compile_model, keras, load_model, save_model
 
 
 def test_seed_cnn_is_the_seed_architecture_with_rescaling_in_front():
@@ -40,17 +42,17 @@ def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp
     x = np.random.default_rng(1).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
     before = model.predict(x, verbose=0)
     path = tmp_path / "model.keras"
-    model.save(path)
+    save_model(model, str(path))
     after = load_model(str(path)).predict(x, verbose=0)
     np.testing.assert_array_equal(before, after)
     assert np.allclose(before.sum(axis=1), 1.0, atol=1e-5)
 
 
-def test_inference_function_is_predict_in_inference_mode_for_any_batch_size():
+def test_forward_pass_is_predict_in_inference_mode_for_any_batch_size():
     # Augmentation and dropout are active in training mode, so a forward pass that left them on
     # would not match predict.
     model = build_model(ModelConfig(dropout=0.5, augmentation={"enabled": True}), 3, 24)
-    forward = inference_function(model)
+    forward = forward_pass(model)
     rng = np.random.default_rng(2)
     for n in (1, 5, 64):
         x = rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
@@ -69,3 +71,49 @@ def test_backbone_weights_come_from_a_given_file(tmp_path):
     backbone = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
     for a, b in zip(source.get_weights(), backbone.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def _trained_seed_cnn(size: int = 32):
+    model = compile_model(build_model(ModelConfig(), 3, size), 1e-3)
+    x = np.random.default_rng(3).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    model.fit(x, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)  # the optimizer now has state
+    return model, x
+
+
+def test_models_saved_in_any_thread_are_keras_zip_files(tmp_path):
+    """tf-keras keeps its format switch per thread (Ray Train trains in one): a `.keras` name
+    alone gave HDF5 there, after the first save."""
+    import threading
+
+    model, _ = _trained_seed_cnn()
+    paths = [tmp_path / f"m{i}.keras" for i in range(3)]
+    thread = threading.Thread(target=lambda: [save_model(model, str(p)) for p in paths])
+    thread.start()
+    thread.join()
+    assert [p.read_bytes()[:4] for p in paths] == [KERAS_ZIP_MAGIC] * 3
+
+
+def test_inference_only_file_drops_the_optimizer_and_predicts_the_same(tmp_path):
+    model, x = _trained_seed_cnn()
+    save_model(model, str(tmp_path / "full.keras"))
+    save_model(model, str(tmp_path / "infer.keras"), include_optimizer=False)
+    full, infer = (tmp_path / "full.keras").stat().st_size, (tmp_path / "infer.keras").stat().st_size
+    assert infer < 0.4 * full  # Adam keeps two slots per weight
+    np.testing.assert_array_equal(load_model(str(tmp_path / "infer.keras")).predict(x, verbose=0),
+                                  model.predict(x, verbose=0))
+
+
+def test_lambda_code_is_refused_in_a_keras_zip_and_in_hdf5_named_keras(tmp_path):
+    ran = tmp_path / "code_ran"
+    marker = str(ran)
+    layer = keras.layers.Lambda(lambda t: (open(marker, "w").close(), t)[1])
+    model = keras.Sequential([keras.Input((4,)), layer])
+    save_model(model, str(tmp_path / "lambda.keras"))
+    model.save(str(tmp_path / "lambda.h5"))
+    (tmp_path / "lambda.h5").rename(tmp_path / "hdf5_renamed.keras")
+    ran.unlink(missing_ok=True)
+    with pytest.raises(ConfigError, match="Lambda"):
+        load_model(str(tmp_path / "lambda.keras"))
+    with pytest.raises(ConfigError, match="HDF5"):
+        load_model(str(tmp_path / "hdf5_renamed.keras"))
+    assert not ran.exists()

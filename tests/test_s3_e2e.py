@@ -8,7 +8,7 @@ import json
 import pytest
 
 from emotion_ray.config import PrepareConfig, ScoreConfig, StorageConfig, TrainConfig
-from emotion_ray.data import prepare
+from emotion_ray.prepare import prepare
 from emotion_ray.demo import make_demo_dataset
 from emotion_ray.score import read_scores, score
 from emotion_ray.train import run_training

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from emotion_ray.config import ConfigError, ScoreConfig, StorageConfig
+from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
-from emotion_ray.score import SUCCESS, predict, read_scores, score
+from emotion_ray.inference import predict
+from emotion_ray.score import SUCCESS, read_scores, score
 from tests.conftest import run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
@@ -28,10 +29,10 @@ SIZE = 32
 def model_dir(tmp_path_factory) -> Path:
     """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model."""
     from emotion_ray.config import ModelConfig
-    from emotion_ray.model import build_model
+    from emotion_ray.model import build_model, save_model
 
     run = tmp_path_factory.mktemp("run")
-    build_model(ModelConfig(), len(CLASSES), SIZE).save(run / "model.keras")
+    save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
     (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
     return run
 
@@ -114,7 +115,7 @@ def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images
 
     # A member scores exactly as the same file on disk does (one preprocessing path).
     member = f"zip://happy/happy_00002.jpg::{archives / 'photos.zip'}"
-    [on_disk] = predict(str(model_dir), [str(images_with_bad_files / "happy" / "happy_00002.jpg")])
+    [on_disk] = predict(PredictConfig(model=str(model_dir), inputs=[str(images_with_bad_files / "happy" / "happy_00002.jpg")]))
     assert [rows[member][f"prob_{c}"] for c in CLASSES] == [on_disk["probabilities"][c] for c in CLASSES]
 
 
@@ -185,7 +186,7 @@ def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, 
           show_progress=False)
     scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
     some = sorted(scored)[:5]
-    for result in predict(str(model_dir), some):
+    for result in predict(PredictConfig(model=str(model_dir), inputs=some)):
         row = scored[result["path"]]
         assert result["label"] == row["label"] and result["error"] == row["error"]
         for c in CLASSES:
@@ -228,7 +229,11 @@ def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp
     assert fs.exists(f"{s3_bucket}/out/{SUCCESS}")
 
 
-def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_with_bad_files, tmp_path):
+def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session, model_dir, images_with_bad_files,
+                                                                      tmp_path):
+    import mlflow
+    import pandas as pd
+
     from emotion_ray import tracking
     from emotion_ray.config import MlflowConfig
 
@@ -239,11 +244,30 @@ def test_mlflow_registered_model_can_be_scored(ray_session, model_dir, images_wi
     shutil.copytree(model_dir, export)
     assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
     assert list((tmp_path / "mlartifacts" / "score-tests").rglob("model.keras")), "artifacts belong beside the db"
-    image = str(sorted((images_with_bad_files / "angry").glob("angry_*"))[0])
-    direct = predict(str(model_dir), [image])
-    via_registry = predict("models:/scorable/1", [image], tracking_uri=uri)
-    assert direct[0]["error"] is None
-    assert via_registry[0]["probabilities"] == direct[0]["probabilities"]
+    images = sorted(str(p) for p in (images_with_bad_files / "angry").glob("angry_*"))[:3]
+    missing = str(tmp_path / "gone.jpg")
+
+    out = tmp_path / "scores"
+    score(ScoreConfig(model="models:/scorable/1", inputs=[*images], output=str(out), mlflow_tracking_uri=uri),
+          show_progress=False)
+    scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
+    predicted = {r["path"]: r for r in predict(PredictConfig(model="models:/scorable/1", inputs=images,
+                                                             mlflow_tracking_uri=uri))}
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/scorable/1")
+    by_path = pyfunc.predict(pd.DataFrame({"path": images + [missing]}))
+    by_bytes = pyfunc.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in images]}))
+    for i, path in enumerate(images):
+        for c in CLASSES:
+            expected = scored[path][f"prob_{c}"]
+            assert predicted[path]["probabilities"][c] == expected  # identical, not merely close
+            assert by_path[f"prob_{c}"][i] == expected and by_bytes[f"prob_{c}"][i] == expected
+    assert by_path["error"][3].startswith("unreadable") and by_path["label"][3] is None  # a row, not a failure
+
+    info = mlflow.models.get_model_info("models:/scorable/1")
+    assert info.signature.inputs.input_names() == ["path", "image"] and "prob_happy" in info.signature.outputs.input_names()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/scorable/1")).read_text()
+    assert "emotion-ray" not in requirements and "tf-keras==" in requirements  # installable from PyPI
 
 
 def test_gpu_default_starts_one_predictor_per_gpu(model_dir, images_with_bad_files, tmp_path):

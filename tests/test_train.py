@@ -68,7 +68,7 @@ def test_run_directory_holds_everything(trained):
 
 
 def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo):
-    from emotion_ray.data import load_split
+    from emotion_ray.dataset import load_split
     from emotion_ray.model import load_model
 
     result, run_dir, _ = trained

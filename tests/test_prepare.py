@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from emotion_ray.config import ConfigError, PrepareConfig
-from emotion_ray.data import SPLITS, load_split, prepare, read_manifest, split_of
+from emotion_ray.dataset import SPLITS, load_split, read_manifest
+from emotion_ray.prepare import prepare, split_of
 from emotion_ray.demo import make_demo_dataset
 
 
@@ -123,6 +124,7 @@ def test_split_is_deterministic_and_stable_when_data_grows(ray_session, tmp_path
     assert len(c) == 75 and {"train", "val", "test"} == set(c.values())
 
 
+@pytest.mark.fast
 def test_split_of_follows_the_fractions():
     hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(20000)]
     fractions = {"train": 0.7, "val": 0.2, "test": 0.1}
@@ -144,6 +146,7 @@ def test_unknown_class_is_a_clear_error_unless_classes_are_listed(ray_session, t
     assert manifest["ignored"]["by_reason"] == {"class_not_selected": 8}
 
 
+@pytest.mark.fast
 def test_missing_class_is_a_clear_error(tmp_path):
     root = tmp_path / "in"
     make_demo_dataset(root, per_class=3, seed=0, canvas=32, classes=("angry", "happy"))
@@ -167,24 +170,6 @@ def test_output_safety_rules(ray_session, tmp_path):
         prepare(PrepareConfig(inputs=[str(root)], output=str(out), image_size=16))
     again = prepare(PrepareConfig(inputs=[str(root)], output=str(out), image_size=16, overwrite=True))
     assert again["rows"] == 12 and len(rows_of(out)) == 12
-
-
-def test_incomplete_dataset_is_never_read(tmp_path):
-    (tmp_path / "half").mkdir()
-    with pytest.raises(ConfigError, match="not a complete prepared dataset"):
-        read_manifest(str(tmp_path / "half"))
-
-
-def test_load_split_gives_images_of_the_manifest_size(prepared_demo):
-    import ray
-
-    manifest = read_manifest(str(prepared_demo))
-    callers_reader = ray.data.DataContext.get_current().use_datasource_v2
-    ds = load_split(str(prepared_demo), "val")
-    assert ray.data.DataContext.get_current().use_datasource_v2 == callers_reader  # left as it was
-    batch = next(iter(ds.iter_batches(batch_size=4, batch_format="numpy")))
-    assert len(batch["image"][0]) == manifest["image_size"] ** 2 * 3
-    assert ds.count() == manifest["split_rows"]["val"]
 
 
 def test_s3_round_trip(ray_session, s3_endpoint, s3_bucket, tmp_path):

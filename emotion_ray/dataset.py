@@ -1,0 +1,53 @@
+"""Reading a prepared dataset: its manifest, and one split as a Ray Dataset.
+
+A dataset is complete exactly when its `manifest.json` exists (prepare writes it last); an
+incomplete one is never read. Layout: see prepare.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from emotion_ray import storage
+from emotion_ray.config import StorageConfig
+from emotion_ray.errors import ConfigError
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+READ_TASK_BYTES = 128 * 1024**2  # pixels one read task of `load_split` reads (several shards if small)
+
+
+def is_prepared(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> bool:
+    return storage.exists(storage.join(dataset_uri, MANIFEST), storage_cfg)
+
+
+def read_manifest(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> dict[str, Any]:
+    """The dataset's manifest; ConfigError when the dataset is missing or incomplete."""
+    uri = storage.join(dataset_uri, MANIFEST)
+    if not storage.exists(uri, storage_cfg):
+        raise ConfigError(f"{dataset_uri} is not a complete prepared dataset (no {MANIFEST}); run `emotion-ray prepare`")
+    return storage.read_json(uri, storage_cfg)
+
+
+def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None):
+    """A Ray Dataset of one split's rows: `image` (binary, image_size² x 3 uint8 RGB) and
+    `label_index` (int32), streamed from its shards. ConfigError when the split is empty."""
+    import ray
+
+    from emotion_ray.runtime import parquet_reader_v1
+
+    manifest = read_manifest(dataset_uri, storage_cfg)
+    files = [storage.strip_scheme(storage.join(dataset_uri, rel)) for rel in manifest["shards"][split]]
+    if not files:
+        raise ConfigError(f"split {split!r} of {dataset_uri} is empty; add images or change the split fractions")
+    # Ray starts one read task per shard by default, and each costs CPU beyond the reading
+    # (half of a streamed epoch on many small shards): group small shards into tasks of
+    # ~READ_TASK_BYTES of pixels (bench/RESULTS.md, train).
+    split_bytes = manifest["split_rows"][split] * manifest["image_size"] ** 2 * 3
+    read_tasks = min(len(files), max(1, math.ceil(split_bytes / READ_TASK_BYTES)))
+    with parquet_reader_v1():  # the manifest already names every shard
+        return ray.data.read_parquet(
+            files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"],
+            override_num_blocks=read_tasks,
+        )

@@ -1,0 +1,196 @@
+"""The one inference path: `score`, `predict`, training's test evaluation and the MLflow model.
+
+- `resolve_model`: a run directory, a `.keras` file with `labels.json` beside it (local or
+  `s3://`), or `models:/name/version|alias` -> a `ModelBundle` (the file's bytes and labels).
+- `Predictor`: loads a bundle once (safe Keras zip only), checks its outputs once, and turns
+  decoded Arrow batches (see sources.decode_table) into prediction rows.
+- Its forward pass runs in fixed-size padded batches, so a file's probabilities never depend on
+  which other files share its batch: every caller gets bit-identical numbers for a file.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import posixpath
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from emotion_ray import storage
+from emotion_ray.config import StorageConfig
+from emotion_ray.errors import ConfigError, StageError
+from emotion_ray.images import pixels_from_arrow
+
+MODEL_FILE, LABELS_FILE = "model.keras", "labels.json"
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A model as shipped to predictor actors (through the object store: `ray.put` it)."""
+
+    model_bytes: bytes
+    classes: list[str]
+    image_size: int
+    model_id: str  # the model's URI and content hash, written into every prediction row
+
+
+def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> ModelBundle:
+    """Run directory, `.keras` file (with labels.json beside it), or `models:/name/version|alias`.
+
+    Raises ConfigError when the model cannot be found (a missing registry version included).
+    """
+    if model.startswith(("models:/", "runs:/")):
+        from emotion_ray.tracking import download_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model_path, labels_path = download_model(model, tracking_uri, tmp)
+            with open(model_path, "rb") as fh:
+                data = fh.read()
+            with open(labels_path) as fh:
+                labels = json.load(fh)
+        return ModelBundle(data, labels["classes"], labels["image_size"], model)
+    model_uri = model if model.endswith(".keras") else storage.join(model, MODEL_FILE)
+    labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
+                              else os.path.dirname(os.path.abspath(model_uri)), LABELS_FILE)
+    for uri in (model_uri, labels_uri):
+        if not storage.exists(uri, storage_cfg):
+            raise ConfigError(f"model {model}: {uri} not found (expected a run directory or a .keras file "
+                              "with labels.json beside it)")
+    data = storage.read_bytes(model_uri, storage_cfg)
+    labels = storage.read_json(labels_uri, storage_cfg)
+    return ModelBundle(data, labels["classes"], labels["image_size"],
+                       f"{model_uri}#sha256={hashlib.sha256(data).hexdigest()[:12]}")
+
+
+def bundle_from_files(model_path: str, labels_path: str) -> ModelBundle:
+    """A bundle from a local model file and its labels.json (as the MLflow model holds them)."""
+    with open(model_path, "rb") as fh:
+        data = fh.read()
+    with open(labels_path) as fh:
+        labels = json.load(fh)
+    return ModelBundle(data, labels["classes"], labels["image_size"],
+                       f"sha256={hashlib.sha256(data).hexdigest()[:12]}")
+
+
+def share_gpus() -> None:
+    """Let TensorFlow take GPU memory as it needs it, not all of it at start.
+
+    By default the first process on a GPU claims nearly all its memory, so a second predictor
+    given the same GPU (`gpus_per_predictor` < 1) fails to start. Call before anything runs on
+    the GPU; without GPUs it does nothing.
+    """
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # this process already runs on the GPU (a second Predictor): too late
+            pass
+
+
+def forward_pass(model):
+    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images -> probabilities.
+
+    Used rather than `predict_on_batch`, which re-enters Keras' predict machinery each call;
+    the outputs are identical and it is faster (bench/RESULTS.md, score). The batch dimension
+    is left open, so one trace serves every batch size.
+    """
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
+    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+
+
+def _check_outputs(probe: np.ndarray, classes: list[str], model_id: str) -> None:
+    """A model whose outputs are not one probability per class is refused at load."""
+    if probe.ndim != 2 or probe.shape[1] != len(classes):
+        raise StageError(f"model {model_id} outputs shape {probe.shape[1:]} but labels.json names "
+                         f"{len(classes)} classes {classes}: the labels do not belong to this model")
+    sums = probe.sum(axis=1)
+    if (probe < 0).any() or not np.allclose(sums, 1.0, atol=1e-3):
+        raise StageError(f"model {model_id} does not output probabilities (row sums {sums.min():.3g}-"
+                         f"{sums.max():.3g}, not 1): its last layer must be a softmax")
+
+
+class Predictor:
+    """Loads a model once, then turns decoded batches into prediction rows.
+
+    Used as a Ray Data actor-pool UDF (`bundle` may be an ObjectRef: the model travels through
+    the object store, not inside the UDF) and in-process by predict, evaluation and MLflow.
+    """
+
+    def __init__(self, bundle: ModelBundle | Any, batch_size: int):
+        from emotion_ray.model import load_model
+
+        if not isinstance(bundle, ModelBundle):  # an ObjectRef
+            import ray
+
+            bundle = ray.get(bundle)
+        share_gpus()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, MODEL_FILE)
+            with open(path, "wb") as fh:
+                fh.write(bundle.model_bytes)
+            self.model = load_model(path)
+        self.forward = forward_pass(self.model)
+        self.bundle = bundle
+        self.batch_size = batch_size
+        probe = np.random.default_rng(0).integers(0, 256, (2, bundle.image_size, bundle.image_size, 3), np.uint8)
+        _check_outputs(self.forward(probe).numpy(), bundle.classes, bundle.model_id)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """(N, size, size, 3) uint8 -> (N, classes) float32, in fixed-size padded chunks."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
+            padded[: len(chunk)] = chunk
+            out.append(self.forward(padded).numpy()[: len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        """Decoded rows (path, image, width, height, error) -> prediction rows (README, score)."""
+        classes, size = self.bundle.classes, self.bundle.image_size
+        column = batch["image"]
+        good = column.is_valid().to_numpy(zero_copy_only=False)
+        probs = np.full((len(column), len(classes)), np.nan, dtype=np.float32)
+        if good.any():
+            probs[good] = self.probabilities(pixels_from_arrow(column, size))
+        best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+        columns = {
+            "path": batch["path"],
+            "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
+            "confidence": pa.array(np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan),
+                                   pa.float32(), mask=~good),
+        }
+        for j, c in enumerate(classes):
+            columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
+        columns["model_id"] = pa.array([self.bundle.model_id] * len(column), pa.string())
+        columns["width"], columns["height"], columns["error"] = batch["width"], batch["height"], batch["error"]
+        now = dt.datetime.now(dt.timezone.utc)
+        columns["scored_at"] = pa.array([now] * len(column), pa.timestamp("us", tz="UTC"))
+        return pa.table(columns)
+
+
+def as_records(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
+    """Prediction rows -> plain dicts: path, label, confidence, probabilities by class, error."""
+    return [
+        {"path": r["path"], "label": r["label"], "confidence": r["confidence"],
+         "probabilities": {c: r[f"prob_{c}"] for c in classes}, "error": r["error"]}
+        for r in rows.to_pylist()
+    ]
+
+
+def predict(cfg) -> list[dict[str, Any]]:
+    """Predict a few files (a `PredictConfig`) in this process: the decode and Predictor of `score`."""
+    from emotion_ray.sources import decode_table
+
+    bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
+    decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage)
+    return as_records(Predictor(bundle, cfg.batch_size)(decoded), bundle.classes)

@@ -1,0 +1,155 @@
+"""Inputs: what files a run sees, and reading + decoding them in Ray Data tasks.
+
+Listing runs in the driver; `decode_table` is the Ray Data UDF that prepare and score (and
+predict, in-process) map over listed paths. One skip rule serves every listing: hidden files
+and folders, and files without an image extension, are counted by reason, never silently lost.
+
+Inputs: folders and `s3://` prefixes (`walk_folder`), zip and tar archives read in place
+(members named by fsspec's chained URL, see storage.member_uri), and `.txt` files listing one
+path per line (`#` comments and blank lines skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import posixpath
+from collections import Counter
+from typing import Iterator
+
+import pyarrow as pa
+
+from emotion_ray import storage
+from emotion_ray.config import DecodeLimits, StorageConfig
+from emotion_ray.errors import ConfigError
+from emotion_ray.images import has_image_extension, pixels_to_arrow, read_and_decode
+
+log = logging.getLogger(__name__)
+
+# Columns `decode_table` adds to a batch of listed paths.
+DECODED_FIELDS = [("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
+                  ("content_hash", pa.string())]
+# A decode worker's own footprint; its batch's pixels come on top (see decode_task_memory).
+DECODE_WORKER_MEMORY = 224 * 1024**2
+BLOCK_BYTES = 64 * 1024**2
+
+
+def skip_reason(relative_path: str) -> str | None:
+    """Why a listed file is not an input (None: it is one). `relative_path` is '/'-separated,
+    relative to the folder, prefix or archive root; `.` parts (`./happy/a.jpg`) are the folder itself."""
+    parts = [p for p in relative_path.split("/") if p not in ("", ".")]
+    if any(part.startswith(".") for part in parts):
+        return "hidden"
+    if not parts or not has_image_extension(parts[-1]):
+        return "not_an_image_extension"
+    return None
+
+
+def walk_folder(root: str, storage_cfg: StorageConfig) -> Iterator[tuple[str, str]]:
+    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted."""
+    fs = storage.filesystem(root, storage_cfg)
+    base = storage.strip_scheme(root)
+    scheme = "s3://" if storage.is_s3(root) else ""
+    for path in sorted(fs.find(base, withdirs=False)):
+        yield posixpath.relpath(path, base), scheme + path
+
+
+def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
+    """Every image to score, sorted and de-duplicated, and what was skipped by reason.
+
+    Folders and prefixes contribute their image files; zip and tar archives (.zip, .tar,
+    .tar.gz, .tgz, ...) their image members, read in place. A `.txt` file contributes every
+    path it lists, image extension or not, since the user named them. An archive that cannot
+    be opened is skipped and counted, not fatal. Raises ConfigError for an input that does not exist.
+    """
+    paths: set[str] = set()
+    skipped: Counter = Counter()
+
+    def add(relative: str, uri: str) -> None:
+        reason = skip_reason(relative)
+        if reason:
+            skipped[reason] += 1
+        else:
+            paths.add(uri)
+
+    for item in inputs:
+        fs = storage.filesystem(item, storage_cfg)
+        base = storage.strip_scheme(item)
+        if item.endswith(".txt") and fs.isfile(base):
+            for line in fs.cat_file(base).decode().splitlines():
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    paths.add(line)
+        elif storage.archive_protocol(item) and fs.isfile(base):
+            try:
+                members = storage.archive_members(item, storage_cfg)
+            except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
+                log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
+                skipped["unreadable_archive"] += 1
+                continue
+            for member in members:
+                add(member, storage.member_uri(item, member))
+        elif fs.isdir(base):
+            for relative, uri in walk_folder(item, storage_cfg):
+                add(relative, uri)
+        elif fs.isfile(base):
+            paths.add(("s3://" if storage.is_s3(item) else "") + base)
+        else:
+            raise ConfigError(f"input {item} does not exist")
+    return sorted(paths), skipped
+
+
+def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig) -> pa.Table:
+    """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member).
+
+    A `data` column (binary), where present and not null, holds a file's bytes already (the
+    MLflow model receives images this way); it is dropped from the result.
+
+    Returns `batch`'s columns plus `image` (binary, image_size² x 3 uint8 RGB, null on error),
+    `width`/`height` (the original image's pixels), `error` (null, or "reason: detail") and
+    `content_hash` (sha256 hex of the file's bytes; null when unreadable). Never raises for a
+    bad file: it becomes a row with an error.
+    """
+    pixels, widths, heights, errors, digests = [], [], [], [], []
+    given = batch["data"].to_pylist() if "data" in batch.column_names else [None] * batch.num_rows
+    if "data" in batch.column_names:
+        batch = batch.drop_columns(["data"])
+    for path, data in zip(batch["path"].to_pylist(), given):
+        data, decoded = read_and_decode(
+            (lambda: data) if data is not None else (lambda: storage.read_bytes(path, storage_cfg)), image_size,
+            max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
+        pixels.append(decoded.pixels)
+        widths.append(decoded.width)
+        heights.append(decoded.height)
+        errors.append(decoded.error)
+        digests.append(hashlib.sha256(data).hexdigest() if data is not None else None)
+    added = [pixels_to_arrow(pixels), pa.array(widths, pa.int32()), pa.array(heights, pa.int32()),
+             pa.array(errors, pa.string()), pa.array(digests, pa.string())]
+    for (name, _), column in zip(DECODED_FIELDS, added):
+        batch = batch.append_column(name, column)
+    return batch
+
+
+def decode_task_memory(batch_size: int, image_size: int) -> int:
+    """Bytes a decode task holds: the worker, plus a batch's pixels about three times over
+    (decoded arrays, the Arrow column, the block on its way out). Ray Data warns when a
+    worker's peak comes within 25 % of what it declared (figures: bench/RESULTS.md, score)."""
+    return DECODE_WORKER_MEMORY + 3 * batch_size * image_size**2 * 3
+
+
+def listing_dataset(files: pa.Table, image_size: int):
+    """A Ray Dataset over listed files, in blocks sized for decoding.
+
+    Blocks hold ~64 MiB of decoded pixels: big enough that per-task overhead vanishes, small
+    enough to stream (bench/RESULTS.md, prepare); and there are at least two per CPU so every
+    core stays busy. The blocks are built directly, with no shuffle stage.
+    """
+    import ray
+
+    n = files.num_rows
+    rows_per_block = max(16, min(1000, BLOCK_BYTES // (image_size**2 * 3)))
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    num_blocks = max(1, min(n, max(cpus * 2, math.ceil(n / rows_per_block))))
+    step = math.ceil(n / num_blocks)
+    return ray.data.from_arrow([files.slice(i, step) for i in range(0, n, step)])

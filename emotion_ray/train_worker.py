@@ -1,0 +1,196 @@
+"""What runs on each Ray Train worker: the training loop, its tf.data input, its epoch checkpoints.
+
+Shipped to the workers by train.build_trainer; nothing here runs on the driver. Batch size is
+global: each of N workers takes batch_size / N rows per step, and MultiWorkerMirroredStrategy
+averages their gradients, so results do not depend on N.
+
+Each epoch every worker reports its metrics and the chief (rank 0) attaches a checkpoint
+(the latest model with its optimizer state, the best model so far without, the training
+state). A replaced worker group, `--resume`, or a Tune trial restart all continue from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from emotion_ray import model as model_lib
+from emotion_ray.config import TrainConfig
+from emotion_ray.images import pixels_from_arrow
+
+STATE_FILE = "state.json"
+LATEST_MODEL = "model.keras"
+BEST_MODEL = "best.keras"
+
+
+def fresh_state() -> dict[str, Any]:
+    """A run's training state before its first epoch (what a checkpoint's state.json holds)."""
+    return {"epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0, "history": [], "starts": []}
+
+
+def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffle: bool, cache_rows: int = 0):
+    """A tf.data pipeline of (uint8 images (B, size, size, 3), one-hot labels (B, classes))
+    over this worker's Ray Data shard; re-iterated every epoch.
+
+    With `cache_rows`, the first epoch's rows are kept in memory and reshuffled every epoch:
+    on small data Ray Data's per-epoch start-up costs far more than the training itself.
+    """
+    from ray.train.tensorflow import prepare_dataset_shard
+
+    eye = np.eye(num_classes, dtype=np.float32)
+
+    def batches():
+        # Arrow batches: the images are a view of the column's buffer, not a per-row copy.
+        for batch in shard.iter_batches(
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+            prefetch_batches=2,
+        ):
+            yield pixels_from_arrow(batch["image"], image_size), eye[batch["label_index"].to_numpy()]
+
+    ds = tf.data.Dataset.from_generator(
+        batches,
+        output_signature=(
+            tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
+            tf.TensorSpec((None, num_classes), tf.float32),
+        ),
+    )
+    if cache_rows:
+        ds = ds.unbatch().cache()
+        if shuffle:
+            ds = ds.shuffle(cache_rows, reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size)
+    # Each worker already reads only its own shard: switch TF's auto-sharding off.
+    return prepare_dataset_shard(ds)
+
+
+class EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Early stopping on val_loss, best-model tracking, and a checkpoint + report every epoch.
+
+    `state` (see fresh_state) is updated in place; `work_dir` holds this worker's best model;
+    `on_report(metrics, epoch)` runs on the chief before each report (live MLflow metrics).
+    """
+
+    def __init__(self, state: dict[str, Any], work_dir: str, patience: int, rank: int, on_report=None):
+        super().__init__()
+        self.state, self.work_dir, self.patience, self.rank = state, work_dir, patience, rank
+        self.on_report = on_report
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        import ray.train
+
+        state = self.state
+        metrics = {k: float(v) for k, v in (logs or {}).items()}
+        metrics["epoch_seconds"] = time.perf_counter() - self.started
+        epoch_no = epoch + 1
+        improved = state["best_val_loss"] is None or metrics["val_loss"] < state["best_val_loss"]
+        if improved:
+            state.update(best_val_loss=metrics["val_loss"], best_epoch=epoch_no, bad_epochs=0)
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch_no
+        state["history"].append({"epoch": epoch_no, **metrics})
+        # val_loss is all-reduced, so every worker takes the same stopping decision.
+        if state["bad_epochs"] >= self.patience:
+            self.model.stop_training = True
+
+        # Every worker saves (saving may run collective ops); only the chief's is kept.
+        ckpt_dir = os.path.join(self.work_dir, f"epoch_{epoch_no:04d}")
+        os.makedirs(ckpt_dir, exist_ok=True)
+        model_lib.save_model(self.model, os.path.join(ckpt_dir, LATEST_MODEL))
+        if improved:  # the best model is only ever used for inference: no optimizer state
+            model_lib.save_model(self.model, os.path.join(self.work_dir, BEST_MODEL), include_optimizer=False)
+        shutil.copy(os.path.join(self.work_dir, BEST_MODEL), os.path.join(ckpt_dir, BEST_MODEL))
+        with open(os.path.join(ckpt_dir, STATE_FILE), "w") as fh:
+            json.dump(state, fh)
+        report = {"epoch": epoch_no, **metrics, "best_val_loss": state["best_val_loss"]}
+        if self.rank == 0:
+            if self.on_report:
+                self.on_report(metrics, epoch_no)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
+        else:
+            ray.train.report(report, checkpoint=None)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
+def _restore(checkpoint, work_dir: str):
+    """(model with optimizer state, training state) from a Ray Train checkpoint."""
+    with checkpoint.as_directory() as ckpt_dir:
+        with open(os.path.join(ckpt_dir, STATE_FILE)) as fh:
+            state = json.load(fh)
+        shutil.copy(os.path.join(ckpt_dir, BEST_MODEL), os.path.join(work_dir, BEST_MODEL))
+        return model_lib.load_model(os.path.join(ckpt_dir, LATEST_MODEL), compile=True), state
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function. `loop_config`: train (a TrainConfig as JSON), classes,
+    image_size, mlflow_run_id (or None), cache_rows_per_worker."""
+    import ray.train
+
+    cfg = TrainConfig.model_validate(loop_config["train"])
+    classes, image_size = loop_config["classes"], loop_config["image_size"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # The workers on a node share its cores (the CPU reservation is only a scheduling hint,
+    # often below one CPU here to leave Ray Data room): one worker per node uses them all.
+    threads = max(1, len(os.sched_getaffinity(0)) // ctx.get_local_world_size())
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    tf.keras.utils.set_random_seed(cfg.seed)
+
+    # One worker has one device and nobody to all-reduce with: MWMS's collectives would only
+    # cost it time (bench/RESULTS.md, train), so it takes the default strategy.
+    strategy = tf.distribute.MultiWorkerMirroredStrategy() if world > 1 else tf.distribute.get_strategy()
+    work_dir = tempfile.mkdtemp(prefix=f"emotion_ray_rank{rank}_")
+    checkpoint = ray.train.get_checkpoint()
+    with strategy.scope():
+        if checkpoint:
+            model, state = _restore(checkpoint, work_dir)
+        else:
+            state = fresh_state()
+            model = model_lib.compile_model(
+                model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage), cfg.learning_rate
+            )
+    state["starts"].append(state["epoch"])
+
+    per_worker_batch = cfg.batch_size // world
+    cache_rows = loop_config["cache_rows_per_worker"]
+    train_ds = tf_dataset(ray.train.get_dataset_shard("train"), image_size, len(classes), per_worker_batch, True,
+                          cache_rows)
+    val_ds = tf_dataset(ray.train.get_dataset_shard("val"), image_size, len(classes), per_worker_batch, False,
+                        cache_rows)
+
+    on_report = None
+    if loop_config.get("mlflow_run_id"):
+        from emotion_ray import tracking
+
+        def on_report(metrics: dict[str, float], epoch: int) -> None:
+            tracking.log_metrics(cfg.mlflow.tracking_uri, loop_config["mlflow_run_id"], metrics, epoch)
+
+    if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stopping_patience:
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=cfg.epochs,
+            initial_epoch=state["epoch"],
+            callbacks=[EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report)],
+            verbose=0,
+        )
+    else:
+        # Restored after its last epoch: the driver died before the run was recorded as ended
+        # (a Tune trial killed with its experiment). Report the final epoch again, so whoever
+        # waits for metrics (Tune's scheduler, `train --resume`) gets them; its checkpoint is
+        # already registered.
+        ray.train.report({**state["history"][-1], "best_val_loss": state["best_val_loss"]}, checkpoint=None)
