@@ -11,14 +11,7 @@ import json
 import sys
 from typing import Any, Callable
 
-from emotion_ray import runtime  # noqa: F401 - sets TF_USE_LEGACY_KERAS before anything imports TensorFlow
-from emotion_ray.config import (
-    PrepareConfig,
-    ScoreConfig,
-    TrainConfig,
-    load_config,
-    parse_override,
-)
+from emotion_ray.config import PredictConfig, PrepareConfig, ScoreConfig, TrainConfig, load_config, parse_override
 from emotion_ray.errors import EmotionRayError
 
 # (flag, config key, argparse kwargs); the key is where the value lands in the stage's config.

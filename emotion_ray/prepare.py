@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import __version__, sources, storage
+from emotion_ray import __version__, outputs, sources, storage
 from emotion_ray.config import PrepareConfig
 from emotion_ray.dataset import MANIFEST, SPLITS
 from emotion_ray.errors import ConfigError
@@ -32,6 +32,8 @@ REJECTS = "rejects.parquet"
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
 # The columns a shard holds, in order (`split` becomes the folder, `error` goes to rejects).
+# Every name prepare writes (a marker from before ownership lists owns only these).
+WRITTEN_NAMES = ["split=*", REJECTS, MANIFEST]
 SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "split", "reject_reason"]
 
 
@@ -100,13 +102,17 @@ def with_split(batch: pa.Table, fractions: dict[str, float]) -> pa.Table:
 
 
 def _claim_output(cfg: PrepareConfig) -> None:
-    """Make `output` ours and empty. Never deletes anything that emotion_ray did not write."""
-    names = storage.claim_folder(cfg.output, OWNER_MARKER, "prepare", cfg.storage)
+    """Make `output` ours and clear what an earlier prepare wrote there: only the names its
+    marker lists (a user's files beside them stay). Refuses an output that overlaps an input."""
+    names = outputs.claim_folder(cfg.output, OWNER_MARKER, "prepare", cfg.storage, inputs=cfg.inputs,
+                                 legacy_names=WRITTEN_NAMES)
     if MANIFEST in names and not cfg.overwrite:
         raise ConfigError(f"output {cfg.output} already holds a prepared dataset; pass --overwrite to replace it")
     # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
-    for name in [n for n in names if n == MANIFEST] + [n for n in names if n not in (MANIFEST, OWNER_MARKER)]:
-        storage.remove(storage.join(cfg.output, name), cfg.storage, recursive=True)
+    outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, first=[MANIFEST])
+    # Recorded before writing, so a crash leaves them ours to delete next time.
+    outputs.record_written(cfg.output, OWNER_MARKER, [f"split={s}" for s in (*SPLITS, REJECTED)]
+                           + [REJECTS, MANIFEST], cfg.storage)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
@@ -185,9 +191,18 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     from emotion_ray.runtime import init_ray
 
     listing = list_labelled_files(cfg)
-    _claim_output(cfg)
-    init_ray()
+    outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
+    with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
+        _claim_output(cfg)
+        init_ray()
+        manifest = _write_dataset(cfg, listing)
+        lock.check()  # still ours: another run did not take the output over while this one stalled
+        storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
+    return manifest
 
+
+def _write_dataset(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
+    """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write."""
     # Shards in folder order would hold one class each; training streams shards with only a
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
@@ -201,6 +216,4 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         partition_cols=["split"],
         max_rows_per_file=cfg.rows_per_shard,
     )
-    manifest = _summarise(cfg, listing)
-    storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
-    return manifest
+    return _summarise(cfg, listing)

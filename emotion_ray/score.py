@@ -24,20 +24,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import runtime, sources, storage
+from emotion_ray import outputs, runtime, sources, storage
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.inference import Predictor, resolve_model
 
 SUCCESS = "_SUCCESS.json"
 OWNER_MARKER = "_emotion_ray_scores"
+PART_PATTERN = "part-*.parquet"
+WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS]  # what score writes (for markers without a list)
 
 
 class _PartWriter:
     """Buffers prediction rows in the driver and writes whole Parquet part files."""
 
-    def __init__(self, output: str, storage_cfg: StorageConfig, rows_per_file: int):
-        self.output, self.storage_cfg, self.rows_per_file = output, storage_cfg, rows_per_file
+    def __init__(self, output: str, storage_cfg: StorageConfig, rows_per_file: int, lock: outputs.OutputLock):
+        self.output, self.storage_cfg, self.rows_per_file, self.lock = output, storage_cfg, rows_per_file, lock
         self.run_id = uuid.uuid4().hex[:8]
         self.pending: list[pa.Table] = []
         self.pending_rows = self.files = 0
@@ -56,6 +58,8 @@ class _PartWriter:
         buf = io.BytesIO()
         pq.write_table(pa.concat_tables(self.pending), buf)
         name = f"part-{self.run_id}-{self.files:05d}.parquet"
+        self.lock.check()  # never write into an output another run has taken over
+        outputs.record_written(self.output, OWNER_MARKER, [name], self.storage_cfg)
         storage.write_bytes_atomic(storage.join(self.output, name), buf.getvalue(), self.storage_cfg)
         self.files += 1
         self.pending, self.pending_rows = [], 0
@@ -78,13 +82,28 @@ def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: 
 
 
 def _claim_output(cfg: ScoreConfig) -> None:
-    """Make `output` ours; earlier part files stay (they are what a re-run resumes from)."""
-    names = storage.claim_folder(cfg.output, OWNER_MARKER, "score", cfg.storage)
-    if SUCCESS in names:
-        storage.remove(storage.join(cfg.output, SUCCESS), cfg.storage)  # incomplete until this run ends
-    for name in names:  # temp files of a write that was interrupted (ours; never complete)
-        if ".tmp-" in name:
-            storage.remove(storage.join(cfg.output, name), cfg.storage)
+    """Make `output` ours; finished part files stay (they are what a re-run resumes from), the
+    summary and interrupted temp files go. Nothing that score did not write is touched."""
+    outputs.claim_folder(cfg.output, OWNER_MARKER, "score", cfg.storage, inputs=cfg.inputs, legacy_names=WRITTEN_NAMES)
+    outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, keep=[PART_PATTERN])
+
+
+def _drop_duplicate_rows(cfg: ScoreConfig, writer: _PartWriter) -> int:
+    """Rewrite the part files so that each path has one row (the first written); returns how many
+    rows were dropped. Outputs written by older versions from two concurrent runs need it."""
+    import pyarrow.compute as pc
+
+    parts = _part_files(cfg.output, cfg.storage)
+    table = read_scores(cfg.output, cfg.storage)
+    if not parts or pc.count_distinct(table["path"]).as_py() == table.num_rows:
+        return 0
+    first = table.append_column("_row", pa.array(range(table.num_rows))).group_by("path").aggregate([("_row", "min")])
+    kept = table.take(pa.array(sorted(first["_row_min"].to_pylist())))
+    writer.add(kept)
+    writer.flush()  # the whole kept table first, then the old files go: a crash in between leaves
+    for name in parts:  # duplicates that the next re-run drops again, never a lost row
+        storage.remove(storage.join(cfg.output, name), cfg.storage)
+    return table.num_rows - kept.num_rows
 
 
 def _predictor_pool(cfg: ScoreConfig):
@@ -101,20 +120,29 @@ def _predictor_pool(cfg: ScoreConfig):
 
 def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     """Score every input file not already in `cfg.output`; returns the summary."""
-    import ray
-    from tqdm import tqdm
 
     paths, skipped = sources.list_images(cfg.inputs, cfg.storage)
     if not paths:
         raise ConfigError(f"no images found in {cfg.inputs}")
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
+    outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
+    with outputs.OutputLock(cfg.output, f"score --output {cfg.output}", cfg.storage) as lock:
+        return _score_locked(cfg, paths, skipped, bundle, lock, show_progress)
+
+
+def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, lock: outputs.OutputLock,
+                  show_progress: bool) -> dict[str, Any]:
+    import ray
+    from tqdm import tqdm
+
     _claim_output(cfg)
+    writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock)
+    duplicates_dropped = _drop_duplicate_rows(cfg, writer)
     done = set(read_scores(cfg.output, cfg.storage, ["path"])["path"].to_pylist())
     todo = [p for p in paths if p not in done]
 
     started = time.perf_counter()
     first_batch_s, first_batch_rows = None, 0  # when the first scored batch arrived, and its size
-    writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file)
     if todo:
         runtime.init_ray()
         ds = sources.listing_dataset(pa.table({"path": todo}), bundle.image_size)
@@ -168,7 +196,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     table = read_scores(cfg.output, cfg.storage, ["path", "label", "error"])
     written = table["path"].to_pylist()
     if len(written) != len(set(written)) or set(written) != set(paths) | done:
-        raise RuntimeError(f"output {cfg.output} does not hold exactly one row per input; re-run to repair")
+        raise StageError(f"output {cfg.output} does not hold exactly one row per input; re-run to repair")
     labels = Counter(label for label in table["label"].to_pylist() if label is not None)
     errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
     summary = {
@@ -177,6 +205,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         "rows": table.num_rows,
         "scored_now": len(todo),
         "already_scored": len(paths) - len(todo),
+        "duplicate_rows_dropped": duplicates_dropped,
         "labels": dict(sorted(labels.items())),
         "errors": dict(errors),
         "skipped_inputs": dict(skipped),
@@ -186,5 +215,7 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         "steady_images_per_second": round(steady_rows / steady_s, 1) if steady_rows and steady_s > 0 else None,
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
+    lock.check()
+    outputs.record_written(cfg.output, OWNER_MARKER, [SUCCESS], cfg.storage)
     storage.write_json_atomic(storage.join(cfg.output, SUCCESS), summary, cfg.storage)
     return summary

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -191,3 +190,17 @@ def test_s3_round_trip(ray_session, s3_endpoint, s3_bucket, tmp_path):
     from emotion_ray.config import StorageConfig
     ds = load_split(out, "train", StorageConfig(s3_endpoint_url=s3_endpoint))
     assert ds.count() == manifest["split_rows"]["train"]
+
+
+def test_overwrite_deletes_only_what_prepare_wrote_and_output_inside_input_is_refused(ray_session, tmp_path):
+    small, ds = tmp_path / "small", tmp_path / "ds"
+    make_demo_dataset(small, per_class=3, seed=4, canvas=32)
+    prepare(PrepareConfig(inputs=[str(small)], output=str(ds), image_size=16))
+    shutil.copytree(small, ds / "raw")  # the probe: the user's own files inside the dataset folder
+    (ds / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="inside"):
+        prepare(PrepareConfig(inputs=[str(ds / "raw")], output=str(ds), image_size=16, overwrite=True))
+    again = prepare(PrepareConfig(inputs=[str(small)], output=str(ds), image_size=16, overwrite=True))
+    assert again["rows"] == 9 and (ds / "notes.txt").read_text() == "mine"
+    assert tree_digest(ds / "raw") == tree_digest(small)
+    assert len(rows_of(ds)) == 9  # no shard of the first run left behind

@@ -168,6 +168,38 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_session, model_d
     assert len(paths) == len(set(paths)) == 300
 
 
+def test_two_score_runs_on_one_output_one_stops_at_once_naming_the_holder(model_dir, images_with_bad_files,
+                                                                           tmp_path):
+    out = tmp_path / "scores"
+    cmd = [sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir), "--input",
+           str(images_with_bad_files), "--output", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "_emotion_ray_lock.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    first_out, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2 and f"pid {first.pid}" in second.stderr, second.stderr[-2000:]
+    rows = read_scores(str(out)).to_pylist()
+    assert len(rows) == len({r["path"] for r in rows}) == 18  # one row per file, none doubled
+
+
+def test_rerun_repairs_an_output_holding_duplicate_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
+    score(cfg, show_progress=False)
+    [part] = sorted(out.glob("part-*.parquet"))
+    shutil.copy(part, out / "part-olderrun-00000.parquet")  # as two unlocked runs of older versions left it
+    marker = json.loads((out / "_emotion_ray_scores").read_text())
+    marker.pop("written", None)  # and an old-style marker
+    (out / "_emotion_ray_scores").write_text(json.dumps(marker))
+    summary = score(cfg, show_progress=False)
+    assert summary["duplicate_rows_dropped"] == 18 and summary["rows"] == 18
+    assert len(read_scores(str(out))) == 18
+
+
 def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
                                                                tmp_path):
     # Ray itself would wait forever for a GPU that no node has (the test cluster has none).

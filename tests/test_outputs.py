@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from emotion_ray import storage
+from emotion_ray import outputs, storage
 from emotion_ray.config import StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 
@@ -32,8 +32,8 @@ def write(path: Path, text: str = "x") -> Path:
 
 def fake_prepare_output(out: str, cfg: StorageConfig | None = None) -> None:
     """What a prepare run leaves: the marker listing its names, then the names themselves."""
-    storage.claim_folder(out, MARKER, "prepare", cfg)
-    storage.record_written(out, MARKER, ["split=train", "split=val", "rejects.parquet", "manifest.json"], cfg)
+    outputs.claim_folder(out, MARKER, "prepare", cfg)
+    outputs.record_written(out, MARKER, ["split=train", "split=val", "rejects.parquet", "manifest.json"], cfg)
     for name in ["split=train/a.parquet", "split=val/b.parquet", "rejects.parquet", "manifest.json"]:
         storage.write_bytes_atomic(storage.join(out, *name.split("/")), b"ours", cfg)
 
@@ -47,8 +47,8 @@ def test_cleanup_deletes_only_what_the_marker_lists(tmp_path):
     write(tmp_path / "ds" / "raw" / "happy" / "1.jpg", "user image")
     write(tmp_path / "ds" / "notes.txt", "user notes")
 
-    names = storage.claim_folder(out, MARKER, "prepare")
-    removed = storage.remove_owned(out, MARKER, first=["manifest.json"])
+    names = outputs.claim_folder(out, MARKER, "prepare")
+    removed = outputs.remove_owned(out, MARKER, first=["manifest.json"])
 
     assert removed[0] == "manifest.json"
     assert sorted(removed) == ["manifest.json", "rejects.parquet", "split=train", "split=val"]
@@ -62,14 +62,14 @@ def test_cleanup_deletes_only_what_the_marker_lists(tmp_path):
 def test_keep_patterns_and_leftover_temp_files(tmp_path):
     """Score's re-run: part files stay (resume), _SUCCESS.json and an interrupted part's temp go."""
     out = str(tmp_path / "scores")
-    storage.claim_folder(out, "_emotion_ray_scores", "score")
-    storage.record_written(out, "_emotion_ray_scores", ["part-a-00000.parquet", "part-a-00001.parquet",
+    outputs.claim_folder(out, "_emotion_ray_scores", "score")
+    outputs.record_written(out, "_emotion_ray_scores", ["part-a-00000.parquet", "part-a-00001.parquet",
                                                         "_SUCCESS.json"])
     for name in ["part-a-00000.parquet", "_SUCCESS.json", "part-a-00001.parquet.tmp-0123abcd", "notes.txt",
                  "part-user.parquet.tmp-1"]:
         write(tmp_path / "scores" / name)
 
-    removed = storage.remove_owned(out, "_emotion_ray_scores", keep=["part-*.parquet"])
+    removed = outputs.remove_owned(out, "_emotion_ray_scores", keep=["part-*.parquet"])
 
     assert sorted(removed) == ["_SUCCESS.json", "part-a-00001.parquet.tmp-0123abcd"]
     assert sorted(os.listdir(out)) == ["_emotion_ray_scores", "notes.txt", "part-a-00000.parquet",
@@ -84,8 +84,8 @@ def test_old_style_marker_owns_only_the_stage_well_known_names(tmp_path):
     for name in ["split=train/a.parquet", "manifest.json", "raw/1.jpg", "notes.txt", "split.txt"]:
         write(ds / name)
 
-    storage.claim_folder(str(ds), MARKER, "prepare", legacy_names=PREPARE_NAMES)
-    removed = storage.remove_owned(str(ds), MARKER)
+    outputs.claim_folder(str(ds), MARKER, "prepare", legacy_names=PREPARE_NAMES)
+    removed = outputs.remove_owned(str(ds), MARKER)
 
     assert sorted(removed) == ["manifest.json", "split=train"]
     assert sorted(os.listdir(ds)) == [MARKER, "notes.txt", "raw", "split.txt"]
@@ -95,23 +95,23 @@ def test_old_style_marker_without_patterns_deletes_nothing(tmp_path):
     ds = tmp_path / "ds"
     write(ds / MARKER, json.dumps({"written_by": "emotion_ray 0.3.0"}))
     write(ds / "manifest.json")
-    assert storage.remove_owned(str(ds), MARKER) == []  # not even claimed yet
-    storage.claim_folder(str(ds), MARKER, "prepare")
-    assert storage.remove_owned(str(ds), MARKER) == []
+    assert outputs.remove_owned(str(ds), MARKER) == []  # not even claimed yet
+    outputs.claim_folder(str(ds), MARKER, "prepare")
+    assert outputs.remove_owned(str(ds), MARKER) == []
     assert sorted(os.listdir(ds)) == [MARKER, "manifest.json"]
 
 
 def test_folder_that_is_not_ours_is_refused_untouched(tmp_path):
     write(tmp_path / "photos" / "1.jpg")
     with pytest.raises(ConfigError, match="not an emotion_ray prepare output"):
-        storage.claim_folder(str(tmp_path / "photos"), MARKER, "prepare")
+        outputs.claim_folder(str(tmp_path / "photos"), MARKER, "prepare")
     assert os.listdir(tmp_path / "photos") == ["1.jpg"]
 
 
 def test_output_inside_input_is_refused(tmp_path):
     write(tmp_path / "small" / "happy" / "1.jpg")
     with pytest.raises(ConfigError, match="inside input"):
-        storage.claim_folder(str(tmp_path / "small" / "ds"), MARKER, "prepare", inputs=[str(tmp_path / "small")])
+        outputs.claim_folder(str(tmp_path / "small" / "ds"), MARKER, "prepare", inputs=[str(tmp_path / "small")])
     assert not (tmp_path / "small" / "ds").exists()
 
 
@@ -124,23 +124,23 @@ def test_input_inside_output_is_refused(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "ds" / "raw")
     for inp in [tmp_path / "ds" / "raw", tmp_path / "link", tmp_path / "ds"]:
         with pytest.raises(ConfigError, match="inside output"):
-            storage.claim_folder(out, MARKER, "prepare", inputs=[str(inp)])
-    storage.check_apart(out, [str(tmp_path / "ds2"), "s3://bucket" + out])
+            outputs.claim_folder(out, MARKER, "prepare", inputs=[str(inp)])
+    outputs.check_apart(out, [str(tmp_path / "ds2"), "s3://bucket" + out])
     assert (tmp_path / "ds" / "raw" / "happy" / "1.jpg").exists()
 
 
 def test_recorded_names_must_stay_inside_the_output(tmp_path):
-    storage.claim_folder(str(tmp_path / "ds"), MARKER, "prepare")
-    for bad in ["../x", "/etc/passwd", MARKER, storage.LOCK_NAME]:
+    outputs.claim_folder(str(tmp_path / "ds"), MARKER, "prepare")
+    for bad in ["../x", "/etc/passwd", MARKER, outputs.LOCK_NAME]:
         with pytest.raises(ValueError):
-            storage.record_written(str(tmp_path / "ds"), MARKER, [bad])
+            outputs.record_written(str(tmp_path / "ds"), MARKER, [bad])
 
 
 # --- the output lock, local ----------------------------------------------------------------------
 
 RACER = """
 import os, sys, time
-from emotion_ray import storage
+from emotion_ray import outputs, storage
 from emotion_ray.config import StorageConfig
 from emotion_ray.errors import StageError
 uri, go, endpoint = sys.argv[1], sys.argv[2], sys.argv[3] or None
@@ -148,7 +148,7 @@ print("READY", flush=True)
 while not os.path.exists(go):
     time.sleep(0.002)
 try:
-    with storage.OutputLock(uri, "racer " + str(os.getpid()), StorageConfig(s3_endpoint_url=endpoint)):
+    with outputs.OutputLock(uri, "racer " + str(os.getpid()), StorageConfig(s3_endpoint_url=endpoint)):
         print("WON", flush=True)
         time.sleep(3)
 except StageError as exc:
@@ -193,67 +193,67 @@ def dead_pid() -> int:
 
 
 def lock_body(**holder) -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "pidns": storage._pid_namespace(),
+    return json.dumps({"host": socket.gethostname(), "pid": dead_pid(), "pidns": outputs._pid_namespace(),
                        "command": "score (killed)", "started_at": "2026-01-01T00:00:00+00:00",
                        "token": "t0", **holder})
 
 
 def test_stale_lock_of_a_dead_pid_is_taken_over(tmp_path):
-    write(tmp_path / "out" / storage.LOCK_NAME, lock_body())
-    with storage.OutputLock(str(tmp_path / "out"), "score new") as lock:
-        held = json.loads((tmp_path / "out" / storage.LOCK_NAME).read_text())
+    write(tmp_path / "out" / outputs.LOCK_NAME, lock_body())
+    with outputs.OutputLock(str(tmp_path / "out"), "score new") as lock:
+        held = json.loads((tmp_path / "out" / outputs.LOCK_NAME).read_text())
         assert held["pid"] == os.getpid() and held["command"] == "score new"
         lock.check()
-    assert not (tmp_path / "out" / storage.LOCK_NAME).exists()
+    assert not (tmp_path / "out" / outputs.LOCK_NAME).exists()
 
 
 def test_two_processes_race_to_take_over_a_stale_lock(tmp_path):
-    write(tmp_path / "out" / storage.LOCK_NAME, lock_body())
+    write(tmp_path / "out" / outputs.LOCK_NAME, lock_body())
     assert_one_winner(race(str(tmp_path / "out"), tmp_path, n=3))
 
 
 def test_lock_without_heartbeat_is_stale_only_after_its_timeout(tmp_path):
     """A lock from another host: its pid cannot be checked, only its heartbeat's age."""
-    path = write(tmp_path / "out" / storage.LOCK_NAME, lock_body(host="elsewhere", pid=1, stale_after_s=60))
+    path = write(tmp_path / "out" / outputs.LOCK_NAME, lock_body(host="elsewhere", pid=1, stale_after_s=60))
     with pytest.raises(StageError, match=r"pid 1 on host elsewhere, since 2026-01-01"):
-        storage.OutputLock(str(tmp_path / "out"), "score").acquire()
+        outputs.OutputLock(str(tmp_path / "out"), "score").acquire()
     old = time.time() - 61
     os.utime(path, (old, old))
-    with storage.OutputLock(str(tmp_path / "out"), "score"):
+    with outputs.OutputLock(str(tmp_path / "out"), "score"):
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
 def test_live_lock_refuses_then_frees_on_release(tmp_path):
     out = str(tmp_path / "out")
-    first = storage.OutputLock(out, "score first", heartbeat_s=0.05).acquire()
+    first = outputs.OutputLock(out, "score first", heartbeat_s=0.05).acquire()
     time.sleep(0.2)  # heartbeats run
     with pytest.raises(StageError, match=f"'score first' \\(pid {os.getpid()}"):
-        storage.OutputLock(out, "score second").acquire()
+        outputs.OutputLock(out, "score second").acquire()
     first.release()
     first.release()
-    with storage.OutputLock(out, "score second"):
+    with outputs.OutputLock(out, "score second"):
         pass
 
 
 def test_lock_taken_over_is_noticed_and_not_deleted_by_the_old_holder(tmp_path):
     """A holder whose lock was replaced (it looked stale) stops (check raises) and leaves the new one."""
     out = tmp_path / "out"
-    lock = storage.OutputLock(str(out), "score slow", heartbeat_s=0.05).acquire()
+    lock = outputs.OutputLock(str(out), "score slow", heartbeat_s=0.05).acquire()
     other = write(out / "other", json.dumps({"host": "elsewhere", "pid": 7, "token": "theirs"}))
-    os.replace(other, out / storage.LOCK_NAME)
+    os.replace(other, out / outputs.LOCK_NAME)
     deadline = time.time() + 5
     while not lock.lost and time.time() < deadline:
         time.sleep(0.05)
     with pytest.raises(StageError, match="taken over by another run"):
         lock.check()
     lock.release()
-    assert json.loads((out / storage.LOCK_NAME).read_text())["token"] == "theirs"
+    assert json.loads((out / outputs.LOCK_NAME).read_text())["token"] == "theirs"
 
 
 def test_claim_ignores_the_lock_file(tmp_path):
     out = str(tmp_path / "new")
-    with storage.OutputLock(out, "prepare"):
-        assert storage.claim_folder(out, MARKER, "prepare") == []
+    with outputs.OutputLock(out, "prepare"):
+        assert outputs.claim_folder(out, MARKER, "prepare") == []
     assert os.listdir(out) == [MARKER]
 
 
@@ -277,8 +277,8 @@ def test_s3_cleanup_deletes_only_what_the_marker_lists(s3):
     storage.write_bytes_atomic(f"{out}/raw/happy/1.jpg", b"user image", cfg)
     storage.write_bytes_atomic(f"{out}/notes.txt", b"user notes", cfg)
 
-    storage.claim_folder(out, MARKER, "prepare", cfg, inputs=[f"{bucket}/ds-raw"])
-    removed = storage.remove_owned(out, MARKER, cfg, first=["manifest.json"])
+    outputs.claim_folder(out, MARKER, "prepare", cfg, inputs=[f"{bucket}/ds-raw"])
+    removed = outputs.remove_owned(out, MARKER, cfg, first=["manifest.json"])
 
     assert removed[0] == "manifest.json" and len(removed) == 4
     assert s3_names(bucket, cfg) == [f"ds/{MARKER}", "ds/notes.txt", "ds/raw/happy/1.jpg"]
@@ -287,12 +287,12 @@ def test_s3_cleanup_deletes_only_what_the_marker_lists(s3):
 def test_s3_overlapping_input_and_output_are_refused(s3):
     bucket, cfg = s3
     with pytest.raises(ConfigError, match="inside output"):
-        storage.claim_folder(f"{bucket}/ds", MARKER, "prepare", cfg, inputs=[f"{bucket}/ds/raw/"])
+        outputs.claim_folder(f"{bucket}/ds", MARKER, "prepare", cfg, inputs=[f"{bucket}/ds/raw/"])
     with pytest.raises(ConfigError, match="inside input"):
-        storage.claim_folder(f"{bucket}/ds", MARKER, "prepare", cfg, inputs=[bucket])
+        outputs.claim_folder(f"{bucket}/ds", MARKER, "prepare", cfg, inputs=[bucket])
     with pytest.raises(ConfigError, match="inside output"):  # an archive's member counts as its archive
-        storage.check_apart(f"{bucket}/ds", [storage.member_uri(f"{bucket}/ds/raw.zip", "happy/1.jpg")])
-    storage.check_apart(f"{bucket}/ds", [f"{bucket}/ds2", f"{bucket}/d", "/ds"])
+        outputs.check_apart(f"{bucket}/ds", [storage.member_uri(f"{bucket}/ds/raw.zip", "happy/1.jpg")])
+    outputs.check_apart(f"{bucket}/ds", [f"{bucket}/ds2", f"{bucket}/d", "/ds"])
 
 
 def test_s3_old_style_marker(s3):
@@ -301,15 +301,15 @@ def test_s3_old_style_marker(s3):
     storage.write_bytes_atomic(f"{out}/{MARKER}", b'{"written_by": "emotion_ray 0.3.0"}', cfg)
     for name in ["split=test/a.parquet", "rejects.parquet", "notes.txt"]:
         storage.write_bytes_atomic(f"{out}/{name}", b"x", cfg)
-    storage.claim_folder(out, MARKER, "prepare", cfg, legacy_names=PREPARE_NAMES)
-    assert sorted(storage.remove_owned(out, MARKER, cfg)) == ["rejects.parquet", "split=test"]
+    outputs.claim_folder(out, MARKER, "prepare", cfg, legacy_names=PREPARE_NAMES)
+    assert sorted(outputs.remove_owned(out, MARKER, cfg)) == ["rejects.parquet", "split=test"]
     assert s3_names(bucket, cfg) == [f"ds/{MARKER}", "ds/notes.txt"]
 
 
 def test_s3_store_honours_conditional_writes(s3):
     """moto (like S3 since 2024) answers If-None-Match: * on an existing key with 412."""
     bucket, cfg = s3
-    lease = storage._S3Lease(f"{bucket}/out", cfg)
+    lease = outputs._S3Lease(f"{bucket}/out", cfg)
     assert lease._conditional()
     assert lease.create(b'{"token": "a"}') and not lease.create(b'{"token": "b"}')
 
@@ -322,22 +322,22 @@ def test_s3_two_processes_race_for_the_lock_one_wins(s3, tmp_path):
 
 def test_s3_stale_lock_is_taken_over_and_a_live_one_refused(s3):
     bucket, cfg = s3
-    key = f"{bucket}/out/{storage.LOCK_NAME}"
+    key = f"{bucket}/out/{outputs.LOCK_NAME}"
     live = lock_body(host="elsewhere", pid=1, heartbeat_at=time.time())
     storage.write_bytes_atomic(key, live.encode(), cfg)
     with pytest.raises(StageError, match="pid 1 on host elsewhere"):
-        storage.OutputLock(f"{bucket}/out", "score", cfg).acquire()
-    stale = lock_body(host="elsewhere", pid=1, heartbeat_at=time.time() - storage.STALE_AFTER_S - 1)
+        outputs.OutputLock(f"{bucket}/out", "score", cfg).acquire()
+    stale = lock_body(host="elsewhere", pid=1, heartbeat_at=time.time() - outputs.STALE_AFTER_S - 1)
     storage.write_bytes_atomic(key, stale.encode(), cfg)
-    with storage.OutputLock(f"{bucket}/out", "score new", cfg):
+    with outputs.OutputLock(f"{bucket}/out", "score new", cfg):
         assert storage.read_json(key, cfg)["command"] == "score new"
     assert not storage.exists(key, cfg)
 
 
 def test_s3_lock_taken_over_is_noticed_and_not_deleted(s3):
     bucket, cfg = s3
-    key = f"{bucket}/out/{storage.LOCK_NAME}"
-    lock = storage.OutputLock(f"{bucket}/out", "score slow", cfg, heartbeat_s=0.1).acquire()
+    key = f"{bucket}/out/{outputs.LOCK_NAME}"
+    lock = outputs.OutputLock(f"{bucket}/out", "score slow", cfg, heartbeat_s=0.1).acquire()
     storage.write_bytes_atomic(key, b'{"host": "elsewhere", "pid": 7, "token": "theirs"}', cfg)
     deadline = time.time() + 10
     while not lock.lost and time.time() < deadline:
