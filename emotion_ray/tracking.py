@@ -201,8 +201,10 @@ try:
             paths = [p if isinstance(p, str) else f"<input row {i}>" for i, p in enumerate(paths)]
             batch = pa.table({"path": pa.array(paths, pa.string()), "data": pa.array(data, pa.binary())})
             decoded = decode_table(batch, self.predictor.bundle.image_size, DecodeLimits(), StorageConfig())
-            rows = self.predictor(decoded).drop_columns(["model_id", "scored_at"])
-            return rows.to_pandas()
+            frame = self.predictor(decoded).drop_columns(["model_id", "scored_at"]).to_pandas()
+            for column in ("label", "error"):  # null, not NaN: JSON answers say `null`
+                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+            return frame
 
 except ImportError:  # pragma: no cover - mlflow is a hard dependency; keep imports cheap elsewhere
     EmotionPyfunc = None  # type: ignore[assignment,misc]

@@ -311,3 +311,49 @@ summary = score(ScoreConfig(model={str(model_dir)!r}, inputs=[{str(images_with_b
                             output={str(tmp_path / "scores")!r}, use_gpu=True), show_progress=False)
 """, timeout=300)
     assert summary["rows"] == 18 and fewest_free_gpus == 0
+
+
+@pytest.mark.slow
+def test_registered_model_serves_a_real_request(model_dir, images_with_bad_files, tmp_path):
+    """`mlflow models serve` on 127.0.0.1, one request with an image's bytes as base64 JSON."""
+    import base64
+    import urllib.request
+
+    from emotion_ray import tracking
+    from emotion_ray.config import MlflowConfig
+    from tests.conftest import BIN, free_port, wait_for_port
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mcfg = MlflowConfig(tracking_uri=uri, experiment="serve-tests", registered_model_name="served")
+    export = tmp_path / "export"
+    shutil.copytree(model_dir, export)
+    tracking.finish_run(mcfg, tracking.start_run(mcfg, "r", {}), str(export), {})
+    image = sorted((images_with_bad_files / "happy").glob("happy_*"))[0]
+    [expected] = predict(PredictConfig(model=str(model_dir), inputs=[str(image)]))
+
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # uvicorn
+    server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/served/1", "--env-manager",
+                               "local", "-h", "127.0.0.1", "-p", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        wait_for_port(port, timeout=240)
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(image.read_bytes()).decode()]]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        deadline = time.time() + 240
+        while True:  # the port opens before the model has loaded
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    answer = json.loads(response.read())
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(1)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+    [row] = answer["predictions"]
+    assert row["label"] == expected["label"] and row["error"] is None
+    assert all(row[f"prob_{c}"] == pytest.approx(expected["probabilities"][c], abs=1e-7) for c in CLASSES)

@@ -176,3 +176,17 @@ summary = run_training(TrainConfig(data={str(prepared_demo)!r}, output={str(tmp_
 """, timeout=600)
     assert summary["test_rows"] > 0 and fewest_free_gpus == 0
     assert (tmp_path / "gpu" / "model.keras").exists()
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("cluster_cpus, workers, use_gpu, groups, reserved, expected", [
+    (16, 2, False, 1, 0.0, 1.0),    # room for every worker and Ray Data
+    (2, 2, False, 1, 0.0, 0.5),     # this box: one CPU stays free for Ray Data's reads
+    (3, 2, False, 2, 0.02, 0.49),   # two Tune trials of two workers, their drivers' 1 % each
+    (2, 2, True, 1, 0.0, 1.0),      # GPU workers are placed by GPU
+    (1, 4, False, 1, 0.0, 1.0),     # an autoscaling head: workers bring their own CPUs
+])
+def test_worker_cpu_reservation(cluster_cpus, workers, use_gpu, groups, reserved, expected):
+    from emotion_ray.train import worker_cpus
+
+    assert worker_cpus(cluster_cpus, workers, use_gpu, groups=groups, reserved=reserved) == expected

@@ -109,3 +109,19 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 3
     assert client.get_latest_versions("emotion_cnn_tuned")
+
+
+@pytest.mark.fast
+def test_search_space_maps_onto_tune_domains():
+    from ray import tune
+
+    from emotion_ray.config import Distribution
+    from emotion_ray.tune import tune_domain
+
+    lr = tune_domain(Distribution(loguniform=[1e-4, 1e-2]))
+    assert isinstance(lr, tune.search.sample.Float) and (lr.lower, lr.upper) == (1e-4, 1e-2)
+    assert isinstance(lr.sampler, tune.search.sample.LogUniform)
+    units = tune_domain(Distribution(randint=[8, 64]))
+    assert isinstance(units, tune.search.sample.Integer) and (units.lower, units.upper) == (8, 64)
+    assert tune_domain(Distribution(choice=["seed_cnn", "wide_cnn"])).categories == ["seed_cnn", "wide_cnn"]
+    assert tune_domain(Distribution(grid=[16, 32])) == {"grid_search": [16, 32]}
