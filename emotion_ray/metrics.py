@@ -10,7 +10,7 @@ import numpy as np
 def confusion_matrix(true_index: np.ndarray, predicted_index: np.ndarray, num_classes: int) -> np.ndarray:
     """(num_classes, num_classes) int64 counts: rows are the true class, columns the predicted one."""
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(confusion, (np.asarray(true_index), np.asarray(predicted_index)), 1)
+    np.add.at(confusion, (np.asarray(true_index, dtype=np.int64), np.asarray(predicted_index, dtype=np.int64)), 1)
     return confusion
 
 

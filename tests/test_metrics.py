@@ -13,6 +13,7 @@ pytestmark = pytest.mark.fast
 def test_confusion_matrix_counts_true_rows_and_predicted_columns():
     cm = confusion_matrix([0, 0, 1, 2, 2, 2], [0, 1, 1, 2, 2, 0], 3)
     assert cm.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert confusion_matrix([], [], 2).tolist() == [[0, 0], [0, 0]]  # an empty test split
 
 
 def test_metrics_match_hand_computed_values():
