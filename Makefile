@@ -39,6 +39,7 @@ bench: install
 	$(BIN)/python -m bench.prepare
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.score
+	$(BIN)/python -m bench.faces
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
