@@ -101,6 +101,11 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
     for kind in ("rejects", "ignored"):
         if m[kind]["by_reason"]:
             lines.append(f"  {kind} by reason: {m[kind]['by_reason']}")
+    if m.get("faces"):
+        lines.append(f"  pictures by faces found ({m['faces']['detector']}, {m['faces']['mode']}): "
+                     f"{m['faces']['pictures_by_faces']}")
+    if m.get("small_classes"):
+        lines.append(f"  warning: few images in {m['small_classes']}: test figures for them will be noise")
     return "\n".join(lines)
 
 

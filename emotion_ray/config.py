@@ -51,6 +51,27 @@ class DecodeLimits(StrictModel):
         return DecodeLimits(max_pixels=self.max_pixels, max_file_bytes=self.max_file_bytes)
 
 
+class FaceConfig(StrictModel):
+    """Face detection in the one preprocessing path (emotion_ray/faces.py; bench/RESULTS.md, faces)."""
+
+    mode: Literal["none", "largest", "all"] = Field(
+        "none", description="none: the whole image (squashed to the model's size); largest: the largest face "
+        "of each picture; all: every face (score writes a row per face).")
+    detector: Literal["haar", "mtcnn"] = Field(
+        "mtcnn", description="mtcnn (Zhang et al. 2016): recall 0.85 on pasted faces, few false boxes, loads "
+        "TensorFlow in each decode worker; haar (Viola-Jones): light, frontal faces only.")
+    margin: float = Field(0.0, ge=0, le=1, description="Share of the face box's longer side added on every "
+                          "side of the square crop (0 frames faces as FER2013 does).")
+    min_size: int = Field(0, ge=0, description="Faces smaller than this (pixels of the original) are ignored.")
+    no_face: Literal["error", "whole_image"] = Field(
+        "error", description="A picture with no face: an error row (reason no_face), or the whole image, "
+        "flagged by a null face_index.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
 class PrepareConfig(DecodeLimits):
     inputs: list[str] = Field(min_length=1, description="Roots laid out as <root>/<label>/**/<image>.")
     output: str = Field(description="Folder or s3:// prefix for the prepared dataset.")
@@ -58,6 +79,7 @@ class PrepareConfig(DecodeLimits):
     image_size: int = Field(256, ge=8, le=2048)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
     rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
+    faces: FaceConfig = Field(default_factory=FaceConfig)
     overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -166,6 +188,8 @@ class InferenceConfig(DecodeLimits):
     batch_size: int | None = Field(
         None, ge=1, description=f"Images per model call. Unset: {CPU_SCORE_BATCH} on CPU, {GPU_SCORE_BATCH} with use_gpu."
     )
+    faces: FaceConfig | None = Field(
+        None, description="Unset: as the model was trained (its labels.json), else whole images.")
     mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -104,7 +104,11 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
         files = {
             MODEL_FILE: out["model_bytes"],
             LABELS_FILE: json.dumps({"classes": classes, "image_size": image_size,
-                                     "input": "uint8 RGB, scaled inside the model"}, indent=2).encode(),
+                                     "input": "uint8 RGB, scaled inside the model",
+                                     # score and predict crop faces the same way unless told otherwise
+                                     "faces": manifest.get("faces") and {k: v for k, v in manifest["faces"].items()
+                                                                         if k != "pictures_by_faces"}},
+                                    indent=2).encode(),
             "config.yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode(),
             "metrics.json": json.dumps(metrics, indent=2).encode(),
             "history.csv": _history_csv(state["history"]),

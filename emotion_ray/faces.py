@@ -238,6 +238,24 @@ def _mtcnn_model():
 
 
 @functools.lru_cache(maxsize=None)
+def use_one_thread(name: str) -> None:
+    """Make detector `name`'s library use one thread in this process (a one-CPU Ray task):
+    OpenCV and TensorFlow otherwise start a thread per core in every decode worker. Call before
+    the first detection; once per process."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    if name == "mtcnn":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(1)
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+        except RuntimeError:  # TensorFlow already ran in this process: its pools are fixed
+            pass
+
+
+@functools.lru_cache(maxsize=None)
 def get_detector(name: str = DEFAULT_DETECTOR, *, max_side: int = DEFAULT_MAX_SIDE) -> FaceDetector:
     """The process's detector called `name` ("haar" or "mtcnn"), built on first use.
 

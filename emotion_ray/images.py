@@ -86,6 +86,76 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
+@dataclass(frozen=True)
+class Opened:
+    """A decoded picture before resizing: `image` is None exactly when `error` is set.
+
+    `image` is RGB and EXIF-rotated; it may be smaller than the original (JPEG draft mode), so
+    `scale` = width / image.width maps its pixels back to the displayed original's.
+    """
+
+    image: Image.Image | None
+    width: int | None  # the displayed (EXIF-rotated) original's size
+    height: int | None
+    error: str | None = None
+
+    @property
+    def scale(self) -> float:
+        return self.width / self.image.width if self.image is not None else 1.0
+
+
+# EXIF orientations that turn the stored picture by 90 degrees: width and height swap on display.
+_TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
+
+
+def open_image(data: bytes, min_side: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Opened:
+    """Decode `data` to an EXIF-rotated RGB Pillow image, or say why not. Never raises.
+
+    JPEGs at least twice `min_side` on their shorter side are decoded with draft mode (DCT
+    scaling) at the smallest of 1/2, 1/4, 1/8 that keeps the shorter side >= `min_side`.
+    Reject reasons: empty, too_large (bytes or pixels), decompression_bomb, not_an_image,
+    truncated, corrupt.
+    """
+    if not data:
+        return Opened(None, None, None, "empty: file has no bytes")
+    if len(data) > max_file_bytes:
+        return Opened(None, None, None, f"too_large: {len(data)} bytes > limit {max_file_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                return Opened(None, width, height, f"too_large: {width}x{height} pixels > limit {max_pixels}")
+            if img.getexif().get(0x0112) in _TRANSPOSED_ORIENTATIONS:
+                width, height = height, width
+            if img.format == "JPEG" and min(width, height) >= 2 * min_side:
+                img.draft("RGB", (min_side, min_side))
+            img.load()  # truncation surfaces here
+            # in_place: without it Pillow returns a full copy even when there is nothing to rotate
+            # (10% of the whole decode for a 512px JPEG).
+            ImageOps.exif_transpose(img, in_place=True)
+            return Opened(img, width, height)
+    except Image.DecompressionBombError as exc:
+        return Opened(None, None, None, f"decompression_bomb: {exc}")
+    except Image.DecompressionBombWarning as exc:
+        return Opened(None, None, None, f"decompression_bomb: {exc}")
+    except UnidentifiedImageError:
+        return Opened(None, None, None, "not_an_image: Pillow cannot identify the format")
+    except (OSError, SyntaxError, ValueError) as exc:
+        # Pillow reports truncated or damaged data as OSError/SyntaxError/ValueError.
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        return Opened(None, None, None, f"{reason}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one bad file must never kill a job
+        return Opened(None, None, None, f"corrupt: {type(exc).__name__}: {exc}")
+
+
+def to_rgb_array(img: Image.Image) -> np.ndarray:
+    """An opened picture as an (H, W, 3) uint8 RGB array at its own size (for face detection)."""
+    return np.asarray(_to_rgb(img), dtype=np.uint8)
+
+
 def decode_image(
     data: bytes,
     size: int,
@@ -93,47 +163,28 @@ def decode_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> Decoded:
-    """Decode `data` to a (size, size, 3) uint8 RGB array, or say why not. Never raises."""
-    if not data:
-        return Decoded(None, None, None, "empty: file has no bytes")
-    if len(data) > max_file_bytes:
-        return Decoded(None, None, None, f"too_large: {len(data)} bytes > limit {max_file_bytes}")
+    """Decode `data` to a (size, size, 3) uint8 RGB array, or say why not. Never raises.
+
+    `width`/`height` are the displayed (EXIF-rotated) original's size.
+    """
+    opened = open_image(data, size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+    if opened.error:
+        return Decoded(None, opened.width, opened.height, opened.error)
+    img = opened.image
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                return Decoded(None, width, height, f"too_large: {width}x{height} pixels > limit {max_pixels}")
-            if img.format == "JPEG" and min(width, height) >= 2 * size:
-                img.draft("RGB", (size, size))
-            img.load()  # truncation surfaces here
-            # in_place: without it Pillow returns a full copy even when there is nothing to rotate
-            # (10% of the whole decode for a 512px JPEG).
-            ImageOps.exif_transpose(img, in_place=True)
-            if img.mode == "L" and img.size != (size, size):
-                # Grey: resize one channel, then replicate it (the same pixels as converting
-                # first, at a third of the cost; greyscale face datasets are common).
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            img = _to_rgb(img)
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img, dtype=np.uint8)
-    except Image.DecompressionBombError as exc:
-        return Decoded(None, None, None, f"decompression_bomb: {exc}")
-    except Image.DecompressionBombWarning as exc:
-        return Decoded(None, None, None, f"decompression_bomb: {exc}")
-    except UnidentifiedImageError:
-        return Decoded(None, None, None, "not_an_image: Pillow cannot identify the format")
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pillow reports truncated or damaged data as OSError/SyntaxError/ValueError.
-        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
-        return Decoded(None, None, None, f"{reason}: {exc}")
+        if img.mode == "L" and img.size != (size, size):
+            # Grey: resize one channel, then replicate it (the same pixels as converting
+            # first, at a third of the cost; greyscale face datasets are common).
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        img = _to_rgb(img)
+        if img.size != (size, size):
+            img = img.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = np.asarray(img, dtype=np.uint8)
     except Exception as exc:  # noqa: BLE001 - one bad file must never kill a job
-        return Decoded(None, None, None, f"corrupt: {type(exc).__name__}: {exc}")
+        return Decoded(None, opened.width, opened.height, f"corrupt: {type(exc).__name__}: {exc}")
     if pixels.shape != (size, size, 3):
-        return Decoded(None, width, height, f"corrupt: decoded shape {pixels.shape}")
-    return Decoded(pixels, width, height)
+        return Decoded(None, opened.width, opened.height, f"corrupt: decoded shape {pixels.shape}")
+    return Decoded(pixels, opened.width, opened.height)
 
 
 def pixels_to_arrow(images: list[np.ndarray | None]) -> pa.BinaryArray:

@@ -28,6 +28,7 @@ from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import pixels_from_arrow
 
 MODEL_FILE, LABELS_FILE = "model.keras", "labels.json"
+FACE_COLUMNS = ("face_index", "box_x", "box_y", "box_w", "box_h", "face_score", "faces_in_picture")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,15 @@ class ModelBundle:
     classes: list[str]
     image_size: int
     model_id: str  # the model's URI and content hash, written into every prediction row
+    faces: dict | None = None  # the face preprocessing the model was trained with (labels.json), if any
+
+    def face_config(self, asked):
+        """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
+        from emotion_ray.config import FaceConfig
+
+        if asked is not None:
+            return asked
+        return FaceConfig.model_validate(self.faces) if self.faces else FaceConfig()
 
 
 def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> ModelBundle:
@@ -54,7 +64,7 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
                 data = fh.read()
             with open(labels_path) as fh:
                 labels = json.load(fh)
-        return ModelBundle(data, labels["classes"], labels["image_size"], model)
+        return ModelBundle(data, labels["classes"], labels["image_size"], model, labels.get("faces"))
     model_uri = model if model.endswith(".keras") else storage.join(model, MODEL_FILE)
     labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
                               else os.path.dirname(os.path.abspath(model_uri)), LABELS_FILE)
@@ -65,7 +75,7 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
     data = storage.read_bytes(model_uri, storage_cfg)
     labels = storage.read_json(labels_uri, storage_cfg)
     return ModelBundle(data, labels["classes"], labels["image_size"],
-                       f"{model_uri}#sha256={hashlib.sha256(data).hexdigest()[:12]}")
+                       f"{model_uri}#sha256={hashlib.sha256(data).hexdigest()[:12]}", labels.get("faces"))
 
 
 def bundle_from_files(model_path: str, labels_path: str) -> ModelBundle:
@@ -75,7 +85,7 @@ def bundle_from_files(model_path: str, labels_path: str) -> ModelBundle:
     with open(labels_path) as fh:
         labels = json.load(fh)
     return ModelBundle(data, labels["classes"], labels["image_size"],
-                       f"sha256={hashlib.sha256(data).hexdigest()[:12]}")
+                       f"sha256={hashlib.sha256(data).hexdigest()[:12]}", labels.get("faces"))
 
 
 def share_gpus() -> None:
@@ -155,7 +165,7 @@ class Predictor:
         return np.concatenate(out) if out else np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Decoded rows (path, image, width, height, error) -> prediction rows (README, score)."""
+        """Decoded rows (sources.decode_table) -> prediction rows (README, score); face columns pass through."""
         classes, size = self.bundle.classes, self.bundle.image_size
         column = batch["image"]
         good = column.is_valid().to_numpy(zero_copy_only=False)
@@ -163,12 +173,15 @@ class Predictor:
         if good.any():
             probs[good] = self.probabilities(pixels_from_arrow(column, size))
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
-        columns = {
-            "path": batch["path"],
+        columns = {"path": batch["path"]}
+        for name in FACE_COLUMNS:  # with faces on: which face of the picture, and where
+            if name in batch.column_names:
+                columns[name] = batch[name]
+        columns.update({
             "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
             "confidence": pa.array(np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan),
                                    pa.float32(), mask=~good),
-        }
+        })
         for j, c in enumerate(classes):
             columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
         columns["model_id"] = pa.array([self.bundle.model_id] * len(column), pa.string())
@@ -179,12 +192,17 @@ class Predictor:
 
 
 def as_records(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
-    """Prediction rows -> plain dicts: path, label, confidence, probabilities by class, error."""
-    return [
-        {"path": r["path"], "label": r["label"], "confidence": r["confidence"],
-         "probabilities": {c: r[f"prob_{c}"] for c in classes}, "error": r["error"]}
-        for r in rows.to_pylist()
-    ]
+    """Prediction rows -> plain dicts: path, label, confidence, probabilities by class, error,
+    and with faces on `face` (index, box x/y/w/h in the displayed picture's pixels, score)."""
+    records = []
+    for r in rows.to_pylist():
+        record = {"path": r["path"], "label": r["label"], "confidence": r["confidence"],
+                  "probabilities": {c: r[f"prob_{c}"] for c in classes}, "error": r["error"]}
+        if r.get("face_index") is not None:
+            record["face"] = {"index": r["face_index"], "box": [r["box_x"], r["box_y"], r["box_w"], r["box_h"]],
+                              "score": r["face_score"]}
+        records.append(record)
+    return records
 
 
 def predict(cfg) -> list[dict[str, Any]]:
@@ -192,5 +210,6 @@ def predict(cfg) -> list[dict[str, Any]]:
     from emotion_ray.sources import decode_table
 
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
-    decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage)
+    decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage,
+                           bundle.face_config(cfg.faces))
     return as_records(Predictor(bundle, cfg.batch_size)(decoded), bundle.classes)

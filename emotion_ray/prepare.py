@@ -31,10 +31,14 @@ OWNER_MARKER = "_emotion_ray_dataset"
 REJECTS = "rejects.parquet"
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
+DECODE_BATCH = 32
 # The columns a shard holds, in order (`split` becomes the folder, `error` goes to rejects).
+# A class with fewer rows than this trains badly and makes its test figures noise: prepare warns.
+MIN_CLASS_ROWS = 20
 # Every name prepare writes (a marker from before ownership lists owns only these).
 WRITTEN_NAMES = ["split=*", REJECTS, MANIFEST]
 SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "split", "reject_reason"]
+FACE_SHARD_COLUMNS = ["face_index", "box_x", "box_y", "box_w", "box_h", "face_score"]  # with faces on
 
 
 @dataclass
@@ -91,14 +95,21 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
 
 
+def decode_and_split(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
+    """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on) and give
+    each row its split (or `rejected`), in shard column order."""
+    decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True)
+    return with_split(decoded, cfg.splits)
+
+
 def with_split(batch: pa.Table, fractions: dict[str, float]) -> pa.Table:
-    """Ray Data UDF after `sources.decode_table`: each row's split (or `rejected`), in shard column order."""
+    """Each decoded row's split (or `rejected`), in shard column order."""
     decoded = batch["image"].is_valid().to_pylist()
     splits = [split_of(digest, fractions) if ok else REJECTED
               for digest, ok in zip(batch["content_hash"].to_pylist(), decoded)]
     batch = batch.append_column("split", pa.array(splits, pa.string()))
     batch = batch.append_column("reject_reason", batch["error"])
-    return batch.select(SHARD_COLUMNS)
+    return batch.select(SHARD_COLUMNS + [c for c in FACE_SHARD_COLUMNS if c in batch.column_names])
 
 
 def _claim_output(cfg: PrepareConfig) -> None:
@@ -137,14 +148,19 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     kept_tables = []
     for split in SPLITS:
         if shards[split]:
-            t = read(shards[split], ["label", "content_hash"])
+            t = read(shards[split], ["label", "content_hash", "path"])
             for row in t.group_by("label").aggregate([("label", "count")]).to_pylist():
                 counts[split][row["label"]] = row["label_count"]
             kept_tables.append(t)
-    kept = pa.concat_tables(kept_tables) if kept_tables else pa.table({"label": pa.array([], pa.string()),
-                                                                         "content_hash": pa.array([], pa.string())})
-    groups = kept.group_by("content_hash").aggregate([("label", "count"), ("label", "count_distinct")])
-    dup_groups = groups.filter(pc.greater(groups["label_count"], 1))
+    kept = pa.concat_tables(kept_tables) if kept_tables else pa.table(
+        {n: pa.array([], pa.string()) for n in ("label", "content_hash", "path")})
+    empty = [c for c in cfg.classes if not any(counts[s][c] for s in SPLITS)]
+    if empty:
+        raise ConfigError(f"class(es) {empty} have no usable image after decoding (see {REJECTS} in {cfg.output} "
+                          "for why each file was rejected); the dataset was not completed")
+    # A picture's faces share its file: duplicates are files (paths) with the same bytes.
+    groups = kept.group_by("content_hash").aggregate([("path", "count_distinct"), ("label", "count_distinct")])
+    dup_groups = groups.filter(pc.greater(groups["path_count_distinct"], 1))
 
     rejected_files = shard_files(REJECTED)
     if rejected_files:
@@ -175,7 +191,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "counts": counts,
         "split_rows": {s: sum(counts[s].values()) for s in SPLITS},
         "duplicates": {
-            "duplicate_rows": int(pc.sum(pc.subtract(dup_groups["label_count"], 1)).as_py() or 0),
+            "duplicate_rows": int(pc.sum(pc.subtract(dup_groups["path_count_distinct"], 1)).as_py() or 0),
             "groups": dup_groups.num_rows,
             "groups_with_conflicting_labels": int(pc.sum(pc.greater(dup_groups["label_count_distinct"], 1)).as_py() or 0),
         },
@@ -183,7 +199,17 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
                     "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
         "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
+        "small_classes": {c: n for c in cfg.classes if (n := sum(counts[s][c] for s in SPLITS)) < MIN_CLASS_ROWS},
+        **({"faces": {**cfg.faces.model_dump(), "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}
+           if cfg.faces.enabled else {}),
     }
+
+
+def _pictures_by_faces(kept: pa.Table, rejects: pa.Table) -> dict[str, int]:
+    """How many pictures gave 0, 1 and several faces (0: rejected as no_face, or kept whole)."""
+    faces = Counter(kept["path"].to_pylist())
+    no_face = sum(1 for r in rejects["reason"].to_pylist() if r == "no_face")
+    return {"0": no_face, "1": sum(1 for n in faces.values() if n == 1), "2+": sum(1 for n in faces.values() if n > 1)}
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -207,9 +233,9 @@ def _write_dataset(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
     ds = sources.listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
-    ds = ds.map_batches(sources.decode_table, batch_format="pyarrow", batch_size=32,
-                        fn_kwargs={"image_size": cfg.image_size, "limits": cfg.decode_limits(), "storage_cfg": cfg.storage})
-    ds = ds.map_batches(with_split, batch_format="pyarrow", batch_size=None, fn_kwargs={"fractions": cfg.splits})
+    ds = ds.map_batches(decode_and_split, batch_format="pyarrow", batch_size=DECODE_BATCH,
+                        fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]})},  # the listing travels as data
+                        memory=sources.decode_task_memory(DECODE_BATCH, cfg.image_size, cfg.faces))
     ds.write_parquet(
         storage.strip_scheme(cfg.output) if storage.is_s3(cfg.output) else cfg.output,
         filesystem=storage.pyarrow_filesystem(cfg.output, cfg.storage),

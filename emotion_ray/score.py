@@ -70,15 +70,17 @@ def _part_files(output: str, storage_cfg: StorageConfig) -> list[str]:
 
 
 def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
-    """All rows written so far to `output` (complete or not)."""
+    """All rows written so far to `output` (complete or not); of `columns`, those the files have."""
     import pyarrow.dataset as pads
 
     storage_cfg = storage_cfg or StorageConfig()
     files = [storage.strip_scheme(storage.join(output, n)) for n in _part_files(output, storage_cfg)]
     if not files:
-        return pa.table({c: [] for c in (columns or ["path"])})
-    fs = storage.pyarrow_filesystem(output, storage_cfg)
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+        return pa.table({c: pa.array([], pa.string()) for c in (columns or ["path"])})
+    dataset = pads.dataset(files, filesystem=storage.pyarrow_filesystem(output, storage_cfg), format="parquet")
+    if columns is not None:
+        columns = [c for c in columns if c in dataset.schema.names]
+    return dataset.to_table(columns=columns)
 
 
 def _claim_output(cfg: ScoreConfig) -> None:
@@ -88,22 +90,39 @@ def _claim_output(cfg: ScoreConfig) -> None:
     outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, keep=[PART_PATTERN])
 
 
-def _drop_duplicate_rows(cfg: ScoreConfig, writer: _PartWriter) -> int:
-    """Rewrite the part files so that each path has one row (the first written); returns how many
-    rows were dropped. Outputs written by older versions from two concurrent runs need it."""
-    import pyarrow.compute as pc
+def _row_keys(table: pa.Table) -> list[tuple]:
+    """What makes a row unique: its path, and with faces on its face_index."""
+    faces = table["face_index"].to_pylist() if "face_index" in table.column_names else [None] * table.num_rows
+    return list(zip(table["path"].to_pylist(), faces))
 
+
+def _repair_rows(cfg: ScoreConfig, writer: _PartWriter) -> dict[str, int]:
+    """Rewrite the part files so that each (path, face) has one row (the first written) and every
+    picture has all its face rows or none; returns what was dropped. Outputs written by older
+    versions from two concurrent runs, or a run stopped between a picture's face rows, need it."""
     parts = _part_files(cfg.output, cfg.storage)
-    table = read_scores(cfg.output, cfg.storage)
-    if not parts or pc.count_distinct(table["path"]).as_py() == table.num_rows:
-        return 0
-    first = table.append_column("_row", pa.array(range(table.num_rows))).group_by("path").aggregate([("_row", "min")])
-    kept = table.take(pa.array(sorted(first["_row_min"].to_pylist())))
-    writer.add(kept)
+    table = read_scores(cfg.output, cfg.storage, ["path", "face_index", "faces_in_picture"])  # keys only
+    if not parts:
+        return {"duplicate_rows": 0, "incomplete_pictures": 0}
+    first: dict[tuple, int] = {}
+    for row, key in enumerate(_row_keys(table)):
+        first.setdefault(key, row)
+    kept_rows = sorted(first.values())
+    incomplete: set[str] = set()
+    if "faces_in_picture" in table.column_names:
+        expected = dict(zip(table["path"].to_pylist(), table["faces_in_picture"].to_pylist()))
+        have = Counter(path for path, _ in first)
+        incomplete = {p for p, n in expected.items() if have[p] < max(n or 0, 1)}
+        paths = table["path"].to_pylist()
+        kept_rows = [r for r in kept_rows if paths[r] not in incomplete]
+    dropped = {"duplicate_rows": table.num_rows - len(first), "incomplete_pictures": len(incomplete)}
+    if len(kept_rows) == table.num_rows:
+        return dropped
+    writer.add(read_scores(cfg.output, cfg.storage).take(pa.array(kept_rows, pa.int64())))
     writer.flush()  # the whole kept table first, then the old files go: a crash in between leaves
-    for name in parts:  # duplicates that the next re-run drops again, never a lost row
+    for name in parts:  # rows that the next re-run drops again, never a lost one
         storage.remove(storage.join(cfg.output, name), cfg.storage)
-    return table.num_rows - kept.num_rows
+    return dropped
 
 
 def _predictor_pool(cfg: ScoreConfig):
@@ -136,8 +155,9 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     from tqdm import tqdm
 
     _claim_output(cfg)
+    faces = bundle.face_config(cfg.faces)
     writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock)
-    duplicates_dropped = _drop_duplicate_rows(cfg, writer)
+    repaired = _repair_rows(cfg, writer)
     done = set(read_scores(cfg.output, cfg.storage, ["path"])["path"].to_pylist())
     todo = [p for p in paths if p not in done]
 
@@ -153,9 +173,11 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
             sources.decode_table,
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
-            fn_kwargs={"image_size": bundle.image_size, "limits": cfg.decode_limits(), "storage_cfg": cfg.storage},
-            # Decoding runs on every free CPU, not inside the few actors that hold the model.
-            **runtime.unfused_task_options(sources.decode_task_memory(cfg.batch_size, bundle.image_size)),
+            fn_kwargs={"image_size": bundle.image_size, "limits": cfg.decode_limits(), "storage_cfg": cfg.storage,
+                       "faces": faces, "one_thread": True},
+            # Decoding (and face detection) runs on every free CPU, not inside the few actors
+            # that hold the model.
+            **runtime.unfused_task_options(sources.decode_task_memory(cfg.batch_size, bundle.image_size, faces)),
         )
         ds = ds.map_batches(
             Predictor,
@@ -193,9 +215,9 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     # steady rate after the first batch is what sizes a job of millions of files.
     steady_rows, steady_s = len(todo) - first_batch_rows, elapsed - (first_batch_s or elapsed)
 
-    table = read_scores(cfg.output, cfg.storage, ["path", "label", "error"])
+    table = read_scores(cfg.output, cfg.storage, ["path", "label", "error", "face_index"])
     written = table["path"].to_pylist()
-    if len(written) != len(set(written)) or set(written) != set(paths) | done:
+    if len(set(_row_keys(table))) != table.num_rows or set(written) != set(paths) | done:
         raise StageError(f"output {cfg.output} does not hold exactly one row per input; re-run to repair")
     labels = Counter(label for label in table["label"].to_pylist() if label is not None)
     errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
@@ -205,7 +227,9 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "rows": table.num_rows,
         "scored_now": len(todo),
         "already_scored": len(paths) - len(todo),
-        "duplicate_rows_dropped": duplicates_dropped,
+        "pictures": len(set(written)),
+        "duplicate_rows_dropped": repaired["duplicate_rows"],
+        "incomplete_pictures_rescored": repaired["incomplete_pictures"],
         "labels": dict(sorted(labels.items())),
         "errors": dict(errors),
         "skipped_inputs": dict(skipped),

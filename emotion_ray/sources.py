@@ -21,17 +21,24 @@ from typing import Iterator
 import pyarrow as pa
 
 from emotion_ray import storage
-from emotion_ray.config import DecodeLimits, StorageConfig
+from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig
 from emotion_ray.errors import ConfigError
-from emotion_ray.images import has_image_extension, pixels_to_arrow, read_and_decode
+from emotion_ray.images import (decode_image, has_image_extension, open_image, pixels_to_arrow, read_and_decode,
+                                to_rgb_array)
 
 log = logging.getLogger(__name__)
 
 # Columns `decode_table` adds to a batch of listed paths.
 DECODED_FIELDS = [("image", pa.binary()), ("width", pa.int32()), ("height", pa.int32()), ("error", pa.string()),
                   ("content_hash", pa.string())]
+# With faces on, a row per face: where it is in the displayed picture, the detector's
+# confidence, and how many faces its picture gave (a re-run checks a picture's rows are all there).
+FACE_FIELDS = [("face_index", pa.int32()), ("box_x", pa.int32()), ("box_y", pa.int32()), ("box_w", pa.int32()),
+               ("box_h", pa.int32()), ("face_score", pa.float32()), ("faces_in_picture", pa.int32())]
 # A decode worker's own footprint; its batch's pixels come on top (see decode_task_memory).
 DECODE_WORKER_MEMORY = 224 * 1024**2
+# A detector in every decode worker (bench/RESULTS.md, faces: MTCNN brings TensorFlow).
+DETECTOR_MEMORY = {"haar": 64 * 1024**2, "mtcnn": 896 * 1024**2}
 BLOCK_BYTES = 64 * 1024**2
 
 
@@ -100,25 +107,40 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
     return sorted(paths), skipped
 
 
-def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig) -> pa.Table:
+def _given_bytes(batch: pa.Table) -> tuple[pa.Table, list[bytes | None]]:
+    """`batch` without its optional `data` column, and that column's values (None: read the path)."""
+    if "data" not in batch.column_names:
+        return batch, [None] * batch.num_rows
+    return batch.drop_columns(["data"]), batch["data"].to_pylist()
+
+
+def _read(path: str, given: bytes | None, storage_cfg: StorageConfig):
+    return (lambda: given) if given is not None else (lambda: storage.read_bytes(path, storage_cfg))
+
+
+def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
+                 faces: FaceConfig | None = None, one_thread: bool = False) -> pa.Table:
     """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member).
 
     A `data` column (binary), where present and not null, holds a file's bytes already (the
     MLflow model receives images this way); it is dropped from the result.
 
     Returns `batch`'s columns plus `image` (binary, image_size² x 3 uint8 RGB, null on error),
-    `width`/`height` (the original image's pixels), `error` (null, or "reason: detail") and
+    `width`/`height` (the displayed original's pixels), `error` (null, or "reason: detail") and
     `content_hash` (sha256 hex of the file's bytes; null when unreadable). Never raises for a
     bad file: it becomes a row with an error.
+
+    With `faces` on (see decode_faces), a picture gives a row per face instead, with FACE_FIELDS
+    before those columns. `one_thread`: this runs in a one-CPU Ray task (detector libraries
+    otherwise start a thread per core in every task).
     """
+    if faces is not None and faces.enabled:
+        return decode_faces(batch, image_size, limits, storage_cfg, faces, one_thread)
+    batch, given = _given_bytes(batch)
     pixels, widths, heights, errors, digests = [], [], [], [], []
-    given = batch["data"].to_pylist() if "data" in batch.column_names else [None] * batch.num_rows
-    if "data" in batch.column_names:
-        batch = batch.drop_columns(["data"])
     for path, data in zip(batch["path"].to_pylist(), given):
-        data, decoded = read_and_decode(
-            (lambda: data) if data is not None else (lambda: storage.read_bytes(path, storage_cfg)), image_size,
-            max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
+        data, decoded = read_and_decode(_read(path, data, storage_cfg), image_size,
+                                        max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
         pixels.append(decoded.pixels)
         widths.append(decoded.width)
         heights.append(decoded.height)
@@ -131,11 +153,75 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     return batch
 
 
-def decode_task_memory(batch_size: int, image_size: int) -> int:
-    """Bytes a decode task holds: the worker, plus a batch's pixels about three times over
-    (decoded arrays, the Arrow column, the block on its way out). Ray Data warns when a
-    worker's peak comes within 25 % of what it declared (figures: bench/RESULTS.md, score)."""
-    return DECODE_WORKER_MEMORY + 3 * batch_size * image_size**2 * 3
+def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
+                 faces: FaceConfig, one_thread: bool = False) -> pa.Table:
+    """`decode_table` with faces on: each picture gives one row per face it keeps.
+
+    The picture is decoded at up to max(640, 4 x image_size) px on its shorter side (JPEG draft
+    mode), EXIF-rotated; faces are detected (faces.get_detector: once per process), selected
+    (`largest` or `all`, left to right), cropped square with `margin` and resized to image_size.
+    Boxes (`box_*`) are pixels of the displayed original. A picture without a face gives one row:
+    an error `no_face`, or with `no_face: whole_image` the whole picture and a null face_index.
+    A picture that cannot be decoded gives one error row. Columns: as decode_table's, with
+    FACE_FIELDS after `batch`'s own.
+    """
+    from emotion_ray import faces as faces_lib
+
+    if one_thread:
+        faces_lib.use_one_thread(faces.detector)
+    detector = faces_lib.get_detector(faces.detector)
+    batch, given = _given_bytes(batch)
+    source_rows, pixels, face_columns, decoded_columns = [], [], [], []
+    for i, (path, data) in enumerate(zip(batch["path"].to_pylist(), given)):
+        try:
+            data = _read(path, data, storage_cfg)()
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a row, not a crash
+            data, opened = None, None
+            error = f"unreadable: {type(exc).__name__}: {exc}"
+        else:
+            opened = open_image(data, max(faces_lib.DEFAULT_MAX_SIDE, 4 * image_size),
+                                max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
+            error = opened.error
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        size = (opened.width, opened.height) if opened is not None else (None, None)
+        if error:
+            chosen = []
+        else:
+            rgb = to_rgb_array(opened.image)
+            scale = opened.scale
+            chosen = faces_lib.select_faces(detector.detect(rgb), faces.mode, min_size=round(faces.min_size / scale))
+        for index, face in enumerate(chosen):
+            source_rows.append(i)
+            pixels.append(faces_lib.crop_face(rgb, face, image_size, faces.margin))
+            face_columns.append((index, round(face.x * scale), round(face.y * scale), round(face.w * scale),
+                                 round(face.h * scale), face.score, len(chosen)))
+            decoded_columns.append((*size, None, digest))
+        if not chosen:
+            source_rows.append(i)
+            face_columns.append((None,) * 6 + (0,))
+            if error is None and faces.no_face == "whole_image":
+                pixels.append(decode_image(data, image_size, max_pixels=limits.max_pixels,
+                                           max_file_bytes=limits.max_file_bytes).pixels)
+            else:
+                pixels.append(None)
+                error = error or f"no_face: the {faces.detector} detector found no face"
+            decoded_columns.append((*size, error, digest))
+    out = batch.take(pa.array(source_rows, pa.int64()))
+    for j, (name, kind) in enumerate(FACE_FIELDS):
+        out = out.append_column(name, pa.array([row[j] for row in face_columns], kind))
+    out = out.append_column("image", pixels_to_arrow(pixels))
+    for j, (name, kind) in enumerate(DECODED_FIELDS[1:]):
+        out = out.append_column(name, pa.array([row[j] for row in decoded_columns], kind))
+    return out
+
+
+def decode_task_memory(batch_size: int, image_size: int, faces: FaceConfig | None = None) -> int:
+    """Bytes a decode task holds: the worker (and its face detector), plus a batch's pixels
+    about three times over (decoded arrays, the Arrow column, the block on its way out). Ray
+    Data warns when a worker's peak comes within 25 % of what it declared (figures:
+    bench/RESULTS.md, score)."""
+    detector = DETECTOR_MEMORY[faces.detector] if faces is not None and faces.enabled else 0
+    return DECODE_WORKER_MEMORY + detector + 3 * batch_size * image_size**2 * 3
 
 
 def listing_dataset(files: pa.Table, image_size: int):

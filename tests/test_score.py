@@ -357,3 +357,66 @@ def test_registered_model_serves_a_real_request(model_dir, images_with_bad_files
     [row] = answer["predictions"]
     assert row["label"] == expected["label"] and row["error"] is None
     assert all(row[f"prob_{c}"] == pytest.approx(expected["probabilities"][c], abs=1e-7) for c in CLASSES)
+
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "face_photos"
+needs_photos = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"face photos not found at {PHOTOS}")
+
+
+@pytest.fixture()
+def people_photos(tmp_path) -> Path:
+    """Real photos of people (two with two faces, one where Haar finds none) and odd pictures."""
+    root = tmp_path / "people"
+    root.mkdir()
+    for name in ("two_people.jpg", "obama_small.jpg", "obama_partial_face.jpg", "kit_with_rose.jpg"):
+        shutil.copy(PHOTOS / name, root / name)
+    from PIL import Image
+
+    Image.new("RGB", (1, 1), (9, 9, 9)).save(root / "one_pixel.png")
+    Image.new("L", (20000, 20), 128).save(root / "strip.png")
+    Image.open(PHOTOS / "obama_small.jpg").convert("L").save(root / "grey.jpg")
+    return root
+
+
+@needs_photos
+def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_session, model_dir, people_photos,
+                                                                         tmp_path):
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(people_photos)], output=str(out),
+                      faces={"mode": "all", "detector": "haar"})
+    summary = score(cfg, show_progress=False)
+    rows = read_scores(str(out)).to_pylist()
+    by_picture: dict[str, list] = {}
+    for r in rows:
+        by_picture.setdefault(Path(r["path"]).name, []).append(r)
+    assert summary["pictures"] == 7 and summary["rows"] == len(rows)
+    two = sorted(by_picture["two_people.jpg"], key=lambda r: r["face_index"])
+    assert [r["face_index"] for r in two] == [0, 1] and two[0]["box_x"] < two[1]["box_x"]  # left to right
+    assert all(r["label"] in CLASSES and r["box_w"] > 50 and r["faces_in_picture"] == 2 for r in two)
+    for name in ("one_pixel.png", "strip.png", "obama_partial_face.jpg"):  # Haar misses the cut face
+        [row] = by_picture[name]
+        assert row["error"].startswith("no_face") and row["face_index"] is None and row["label"] is None
+    assert by_picture["grey.jpg"][0]["error"] is None  # grey pictures are detected too
+
+    # A run stopped between a picture's face rows: the re-run scores that picture again, whole.
+    import pyarrow.parquet as pq
+
+    [part] = sorted(out.glob("part-*.parquet"))
+    table = pq.read_table(part)
+    keep = [not (p.endswith("two_people.jpg") and f == 1) for p, f in zip(table["path"].to_pylist(),
+                                                                        table["face_index"].to_pylist())]
+    pq.write_table(table.filter(keep), part)
+    again = score(cfg, show_progress=False)
+    assert again["incomplete_pictures_rescored"] == 1 and again["scored_now"] == 1 and again["rows"] == len(rows)
+    rescored = sorted((r for r in read_scores(str(out)).to_pylist() if r["path"].endswith("two_people.jpg")),
+                      key=lambda r: r["face_index"])
+    for before, after in zip(two, rescored):
+        assert (after["box_x"], after["prob_happy"]) == (before["box_x"], before["prob_happy"])
+
+    # predict gives every face, bit for bit as score.
+    predicted = predict(PredictConfig(model=str(model_dir), inputs=[str(people_photos / "two_people.jpg")],
+                                      faces={"mode": "all", "detector": "haar"}))
+    assert [p["face"]["index"] for p in predicted] == [0, 1]
+    for p, r in zip(predicted, two):
+        assert p["face"]["box"] == [r["box_x"], r["box_y"], r["box_w"], r["box_h"]]
+        assert all(p["probabilities"][c] == r[f"prob_{c}"] for c in CLASSES)
