@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ PREPARE_FLAGS: list[Flag] = [
     ("--output", "output", {"help": "dataset folder or s3:// prefix"}),
     ("--classes", "classes", {"type": lambda s: s.split(","), "help": "comma-separated classes to keep, in order"}),
     ("--image-size", "image_size", {"type": int}),
+    ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "crop faces (default none: whole "
+                               "images)"}),
     ("--overwrite", "overwrite", {"action": "store_const", "const": True}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
@@ -50,12 +53,15 @@ SCORE_FLAGS: list[Flag] = [
     ("--num-predictors", "num_predictors", {"type": int}),
     ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
+    ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "all: a row per face; default: as "
+                               "the model was trained"}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
 PREDICT_FLAGS: list[Flag] = [
     ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
     ("--batch-size", "batch_size", {"type": int, "help": "as score's, for identical probabilities"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
+    ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "default: as the model was trained"}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
 
@@ -136,11 +142,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(results, indent=2))
     else:
         for r in results:
+            where = f"{r['path']} face {r['face']['index']} at {r['face']['box']}" if r.get("face") else r["path"]
             if r["error"]:
-                print(f"{r['path']}: ERROR {r['error']}")
+                print(f"{where}: ERROR {r['error']}")
             else:
                 probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-                print(f"{r['path']}: {r['label']} ({r['confidence']:.3f})  {probs}")
+                print(f"{where}: {r['label']} ({r['confidence']:.3f})  {probs}")
+    if args.annotate:
+        from emotion_ray.annotate import annotate
+
+        for path in dict.fromkeys(r["path"] for r in results):
+            stem = os.path.splitext(os.path.basename(path.split("::")[0] if path.startswith(("zip:", "tar:")) else path))[0]
+            out = annotate(path, [r for r in results if r["path"] == path],
+                           os.path.join(args.annotate, f"{stem}.annotated.png"), cfg.storage)
+            print(f"annotated: {out}", file=sys.stderr)
     return 0 if all(r["error"] is None for r in results) else 1
 
 
@@ -185,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="IMAGE")
     _add_flags(p, PREDICT_FLAGS)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--annotate", metavar="FOLDER", help="write each picture with its faces boxed and labelled "
+                   "(PNG) into FOLDER")
     p.set_defaults(func=cmd_predict)
     return parser
 

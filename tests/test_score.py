@@ -420,3 +420,20 @@ def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_sessi
     for p, r in zip(predicted, two):
         assert p["face"]["box"] == [r["box_x"], r["box_y"], r["box_w"], r["box_h"]]
         assert all(p["probabilities"][c] == r[f"prob_{c}"] for c in CLASSES)
+
+
+@needs_photos
+def test_predict_prints_every_face_and_annotates_the_picture(model_dir, people_photos, tmp_path):
+    from PIL import Image
+
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", str(people_photos / "two_people.jpg"),
+                          "--model", str(model_dir), "--faces", "all", "--set", "faces.detector=haar",
+                          "--annotate", str(tmp_path / "seen")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert [line.split(" at ")[0].split()[-2:] for line in res.stdout.splitlines()] == [["face", "0"], ["face", "1"]]
+    drawn = Image.open(tmp_path / "seen" / "two_people.annotated.png").convert("RGB")
+    original = Image.open(people_photos / "two_people.jpg").convert("RGB")
+    assert drawn.size == original.size
+    box = [int(v) for v in res.stdout.splitlines()[0].split(" at [")[1].split("]")[0].split(",")]
+    edge = drawn.getpixel((box[0] + box[2] // 2, box[1]))  # the middle of the box's top edge is drawn
+    assert edge != original.getpixel((box[0] + box[2] // 2, box[1]))
