@@ -204,3 +204,27 @@ def test_overwrite_deletes_only_what_prepare_wrote_and_output_inside_input_is_re
     assert again["rows"] == 9 and (ds / "notes.txt").read_text() == "mine"
     assert tree_digest(ds / "raw") == tree_digest(small)
     assert len(rows_of(ds)) == 9  # no shard of the first run left behind
+
+
+PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "face_photos"
+
+
+@pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"face photos not found at {PHOTOS}")
+def test_prepare_with_faces_keeps_crops_with_their_source_and_counts_pictures(ray_session, tmp_path):
+    root = tmp_path / "in"
+    layout = {"happy": ["two_people.jpg", "obama.jpg"], "sad": ["obama_small.jpg", "kit_with_rose.jpg"],
+              "angry": ["biden.jpg", "obama_partial_face.jpg"]}
+    for label, names in layout.items():
+        (root / label).mkdir(parents=True)
+        for name in names:
+            shutil.copy(PHOTOS / name, root / label / name)
+    out = tmp_path / "ds"
+    manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(out), image_size=32,
+                                     faces={"mode": "all", "detector": "haar"}, splits={"train": 1, "val": 0, "test": 0}))
+    # Haar: two faces in two_people, three boxes in kit_with_rose, none in the cut face (bench/RESULTS.md, faces).
+    assert manifest["faces"]["pictures_by_faces"] == {"0": 1, "1": 3, "2+": 2}
+    assert manifest["rejects"]["by_reason"] == {"no_face": 1} and manifest["rows"] == 8
+    shard = pads.dataset([str(out / rel) for rel in manifest["shards"]["train"]], format="parquet").to_table()
+    two = [r for r in shard.drop_columns(["image"]).to_pylist() if r["path"].endswith("two_people.jpg")]
+    assert sorted(r["face_index"] for r in two) == [0, 1] and all(r["box_w"] > 50 and r["label"] == "happy" for r in two)
+    assert len({r["content_hash"] for r in two}) == 1 and manifest["duplicates"]["duplicate_rows"] == 0
