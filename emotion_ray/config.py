@@ -78,6 +78,9 @@ class PrepareConfig(DecodeLimits):
     classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
     image_size: int = Field(256, ge=8, le=2048)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
+    split_by: Literal["hash", "folder"] = Field(
+        "hash", description="hash: splits from each file's sha256 and `splits`; folder: each input holds "
+        "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders.")
     rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
     faces: FaceConfig = Field(default_factory=FaceConfig)
     overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")

@@ -51,16 +51,23 @@ class Listing:
 
 
 def list_labelled_files(cfg: PrepareConfig) -> Listing:
-    """Walk every root; label files by their first folder; count what is skipped and why."""
+    """Walk every root; label files by their first folder (with split_by folder: the split's
+    folder, then the class's); count what is skipped and why."""
     listing = Listing()
     unknown: Counter = Counter()
+    by_folder = cfg.split_by == "folder"
     for root in cfg.inputs:
         if not storage.filesystem(root, cfg.storage).isdir(storage.strip_scheme(root)):
             raise ConfigError(f"input {root} is not a folder (or cannot be read)")
         for relative, uri in sources.walk_folder(root, cfg.storage):
             listing.found += 1
-            parts = relative.split("/")
+            parts = [p for p in relative.split("/") if p not in ("", ".")]
             reason = sources.skip_reason(relative)
+            split = None
+            if not reason and by_folder:
+                split, parts = parts[0], parts[1:]
+                if split not in SPLITS:
+                    reason = "not_in_split_folder"
             if reason:
                 listing.ignored[reason] += 1
             elif len(parts) < 2:
@@ -71,7 +78,8 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 else:
                     unknown[parts[0]] += 1
             else:
-                listing.files.append({"path": uri, "label": parts[0], "label_index": cfg.classes.index(parts[0])})
+                row = {"path": uri, "label": parts[0], "label_index": cfg.classes.index(parts[0])}
+                listing.files.append({**row, "given_split": split} if by_folder else row)
     if unknown:
         raise ConfigError(
             f"found class folders {sorted(unknown)} that are not among the classes {cfg.classes}; "
@@ -105,8 +113,9 @@ def decode_and_split(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
 def with_split(batch: pa.Table, fractions: dict[str, float]) -> pa.Table:
     """Each decoded row's split (or `rejected`), in shard column order."""
     decoded = batch["image"].is_valid().to_pylist()
-    splits = [split_of(digest, fractions) if ok else REJECTED
-              for digest, ok in zip(batch["content_hash"].to_pylist(), decoded)]
+    given = batch["given_split"].to_pylist() if "given_split" in batch.column_names else [None] * batch.num_rows
+    splits = [(split or split_of(digest, fractions)) if ok else REJECTED
+              for digest, ok, split in zip(batch["content_hash"].to_pylist(), decoded, given)]
     batch = batch.append_column("split", pa.array(splits, pa.string()))
     batch = batch.append_column("reject_reason", batch["error"])
     return batch.select(SHARD_COLUMNS + [c for c in FACE_SHARD_COLUMNS if c in batch.column_names])
@@ -149,6 +158,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     for split in SPLITS:
         if shards[split]:
             t = read(shards[split], ["label", "content_hash", "path"])
+            t = t.append_column("split", pa.array([split] * t.num_rows, pa.string()))
             for row in t.group_by("label").aggregate([("label", "count")]).to_pylist():
                 counts[split][row["label"]] = row["label_count"]
             kept_tables.append(t)
@@ -159,7 +169,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         raise ConfigError(f"class(es) {empty} have no usable image after decoding (see {REJECTS} in {cfg.output} "
                           "for why each file was rejected); the dataset was not completed")
     # A picture's faces share its file: duplicates are files (paths) with the same bytes.
-    groups = kept.group_by("content_hash").aggregate([("path", "count_distinct"), ("label", "count_distinct")])
+    groups = kept.group_by("content_hash").aggregate([("path", "count_distinct"), ("label", "count_distinct"),
+                                                      ("split", "count_distinct")])
     dup_groups = groups.filter(pc.greater(groups["path_count_distinct"], 1))
 
     rejected_files = shard_files(REJECTED)
@@ -184,7 +195,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "image_size": cfg.image_size,
         "image_format": IMAGE_FORMAT,
         "split_fractions": cfg.splits,
-        "split_method": "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions",
+        "split_method": ("the inputs' train/val/test folders" if cfg.split_by == "folder" else
+                         "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions"),
         "sources": cfg.inputs,
         "files_found": listing.found,
         "rows": kept.num_rows,
@@ -194,6 +206,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
             "duplicate_rows": int(pc.sum(pc.subtract(dup_groups["path_count_distinct"], 1)).as_py() or 0),
             "groups": dup_groups.num_rows,
             "groups_with_conflicting_labels": int(pc.sum(pc.greater(dup_groups["label_count_distinct"], 1)).as_py() or 0),
+            # Only given splits (split_by folder) can put one picture's bytes in two splits: a leak.
+            "groups_across_splits": int(pc.sum(pc.greater(dup_groups["split_count_distinct"], 1)).as_py() or 0),
         },
         "rejects": {"count": reject_table.num_rows,
                     "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},

@@ -228,3 +228,17 @@ def test_prepare_with_faces_keeps_crops_with_their_source_and_counts_pictures(ra
     two = [r for r in shard.drop_columns(["image"]).to_pylist() if r["path"].endswith("two_people.jpg")]
     assert sorted(r["face_index"] for r in two) == [0, 1] and all(r["box_w"] > 50 and r["label"] == "happy" for r in two)
     assert len({r["content_hash"] for r in two}) == 1 and manifest["duplicates"]["duplicate_rows"] == 0
+
+
+def test_split_by_folder_keeps_the_given_splits_and_counts_cross_split_copies(ray_session, tmp_path):
+    root = tmp_path / "published"
+    for split, seed in (("train", 1), ("val", 2), ("test", 3)):
+        make_demo_dataset(root / split, per_class=4, seed=seed, canvas=32)
+    shutil.copy(root / "train" / "sad" / "sad_00000.jpg", root / "test" / "sad" / "leaked.jpg")
+    (root / "README.txt").write_text("not in a split folder")
+    manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "ds"), image_size=16, split_by="folder"))
+    assert manifest["split_rows"] == {"train": 12, "val": 12, "test": 13}
+    assert {r["path"].split("/published/")[1].split("/")[0] for r in rows_of(tmp_path / "ds")
+            if r["split"] == "val"} == {"val"}
+    assert manifest["duplicates"]["groups_across_splits"] == 1
+    assert manifest["ignored"]["by_reason"] == {"not_an_image_extension": 1}
