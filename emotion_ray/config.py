@@ -133,6 +133,16 @@ class ModelConfig(StrictModel):
         description="Local or s3:// weights file for a tf.keras.applications backbone; "
         "never downloaded at run time. Unset means random initial weights.",
     )
+    init_from: str | None = Field(
+        None, description="Start from an earlier model (transfer learning): a run directory, a .keras file with "
+        "labels.json beside it (local or s3://) or models:/name/version. Every layer but its classifier is "
+        "reused (architecture options above are then ignored); the classifier is rebuilt for this run's "
+        "classes, keeping the weights of classes it shares by name (case-insensitive).")
+    freeze_epochs: int = Field(0, ge=0, description="With init_from: train only the new classifier for this many "
+                               "epochs first (the reused layers frozen), then every layer.")
+    fine_tune_learning_rate: float | None = Field(
+        None, gt=0, lt=1, description="With init_from: the learning rate while the reused layers train. "
+        "Unset: a tenth of learning_rate (large steps would undo what the earlier model learned).")
 
 
 class MlflowConfig(StrictModel):

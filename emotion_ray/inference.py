@@ -136,18 +136,14 @@ class Predictor:
     """
 
     def __init__(self, bundle: ModelBundle | Any, batch_size: int):
-        from emotion_ray.model import load_model
+        from emotion_ray.model import load_model_bytes
 
         if not isinstance(bundle, ModelBundle):  # an ObjectRef
             import ray
 
             bundle = ray.get(bundle)
         share_gpus()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, MODEL_FILE)
-            with open(path, "wb") as fh:
-                fh.write(bundle.model_bytes)
-            self.model = load_model(path)
+        self.model = load_model_bytes(bundle.model_bytes)
         self.forward = forward_pass(self.model)
         self.bundle = bundle
         self.batch_size = batch_size

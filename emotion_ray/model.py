@@ -119,6 +119,39 @@ def build_model(cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg
     return builder(cfg, num_classes, image_size)
 
 
+def reuse_for_classes(parent: keras.Model, parent_classes: list[str], classes: list[str]) -> keras.Model:
+    """A model made of `parent`'s layers up to its classifier, and a new classifier for `classes`.
+
+    The classifier is `parent`'s last layer (a softmax Dense). A class of `classes` that
+    `parent_classes` also names (case-insensitive) keeps its kernel column and bias; the others
+    start from Keras' initialisers. The reused layers are shared with `parent`, not copied.
+    Raises ConfigError when the last layer is not a softmax Dense (there is no head to replace).
+    (Transfer learning by fine-tuning: Yosinski et al., "How transferable are features in deep
+    neural networks?", NeurIPS 2014.)
+    """
+    head = parent.layers[-1]
+    if not isinstance(head, keras.layers.Dense) or head.activation is not keras.activations.softmax:
+        raise ConfigError(f"init_from: the model's last layer is {type(head).__name__}, not a softmax Dense "
+                          "classifier; it cannot be reused for new classes")
+    features = parent.layers[-2].output
+    new_head = keras.layers.Dense(len(classes), activation="softmax", name="classifier")
+    model = keras.Model(parent.inputs, new_head(features), name=f"{parent.name}_transfer")
+    kernel, bias = head.get_weights()
+    new_kernel, new_bias = new_head.get_weights()
+    known = {c.lower(): i for i, c in enumerate(parent_classes)}
+    for j, name in enumerate(classes):
+        if name.lower() in known:
+            new_kernel[:, j], new_bias[j] = kernel[:, known[name.lower()]], bias[known[name.lower()]]
+    new_head.set_weights([new_kernel, new_bias])
+    return model
+
+
+def set_reused_trainable(model: keras.Model, trainable: bool) -> None:
+    """Freeze (or unfreeze) every layer but the classifier (the last). Recompile afterwards."""
+    for layer in model.layers[:-1]:
+        layer.trainable = trainable
+
+
 def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
@@ -146,6 +179,15 @@ def save_model(model: keras.Model, path: str, include_optimizer: bool = True) ->
         model = keras.models.clone_model(trained)  # the same layers, never compiled: no optimizer
         model.set_weights(trained.get_weights())
     model.save(path, save_format="keras_v3")
+
+
+def load_model_bytes(data: bytes, compile: bool = False) -> keras.Model:
+    """`load_model` for a model file's bytes (as a ModelBundle carries them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        return load_model(path, compile=compile)
 
 
 def load_model(path: str, compile: bool = False) -> keras.Model:

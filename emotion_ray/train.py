@@ -74,6 +74,20 @@ def _cache_rows(cfg: TrainConfig, manifest: dict[str, Any]) -> int:
     return per_worker if (cfg.cache_in_memory if cfg.cache_in_memory is not None else fits) else 0
 
 
+def init_model(cfg: TrainConfig, manifest: dict[str, Any]):
+    """The ModelBundle that `model.init_from` names (None without it); ConfigError when it is
+    missing or made for another image size than the dataset's."""
+    if not cfg.model.init_from:
+        return None
+    from emotion_ray.inference import resolve_model
+
+    bundle = resolve_model(cfg.model.init_from, cfg.storage, cfg.mlflow.tracking_uri)
+    if bundle.image_size != manifest["image_size"]:
+        raise ConfigError(f"init_from {cfg.model.init_from} takes {bundle.image_size}px images but the dataset is "
+                          f"{manifest['image_size']}px; prepare it with --image-size {bundle.image_size}")
+    return bundle
+
+
 def _train_loop_on_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: TensorFlow is imported on the workers only, never here."""
     from emotion_ray.train_worker import train_loop_per_worker
@@ -109,6 +123,7 @@ def build_trainer(
             "image_size": manifest["image_size"],
             "mlflow_run_id": mlflow_run_id,
             "cache_rows_per_worker": _cache_rows(cfg, manifest),
+            "init_model": init_model(cfg, manifest),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -149,6 +164,9 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
     if cfg.mlflow.enabled:
         mlflow_run_id = tracking.start_run(cfg.mlflow, run_name, cfg.model_dump(mode="json"),
                                            parent_run_id=mlflow_parent_run_id, resume=cfg.resume)
+        if cfg.model.init_from:  # the model this one started from (transfer learning)
+            tracking.client(cfg.mlflow.tracking_uri).set_tag(mlflow_run_id, "emotion_ray.init_from",
+                                                             cfg.model.init_from)
     # Same name + storage path: Ray Train V2 restores the run's checkpoint state on its own.
     result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id).fit()
     if result.checkpoint is None:

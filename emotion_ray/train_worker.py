@@ -31,8 +31,10 @@ BEST_MODEL = "best.keras"
 
 
 def fresh_state() -> dict[str, Any]:
-    """A run's training state before its first epoch (what a checkpoint's state.json holds)."""
-    return {"epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0, "history": [], "starts": []}
+    """A run's training state before its first epoch (what a checkpoint's state.json holds).
+    `reused_frozen`: with init_from, whether the reused layers are still frozen."""
+    return {"epoch": 0, "best_val_loss": None, "best_epoch": None, "bad_epochs": 0, "history": [], "starts": [],
+            "reused_frozen": False}
 
 
 def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffle: bool, cache_rows: int = 0):
@@ -134,9 +136,29 @@ def _restore(checkpoint, work_dir: str):
         return model_lib.load_model(os.path.join(ckpt_dir, LATEST_MODEL), compile=True), state
 
 
+def _fine_tune_rate(cfg: TrainConfig) -> float:
+    return cfg.model.fine_tune_learning_rate or cfg.learning_rate / 10
+
+
+def _initial_model(cfg: TrainConfig, classes: list[str], image_size: int, init_model, state: dict[str, Any]):
+    """A compiled model for a run's first epoch: built from its config, or with init_from (a
+    ModelBundle) the earlier model's layers and a classifier for `classes`, frozen first when
+    freeze_epochs is set. Call inside the strategy's scope."""
+    if init_model is None:
+        return model_lib.compile_model(model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage),
+                                       cfg.learning_rate)
+    model = model_lib.reuse_for_classes(model_lib.load_model_bytes(init_model.model_bytes), init_model.classes,
+                                        classes)
+    if cfg.model.freeze_epochs:
+        model_lib.set_reused_trainable(model, False)
+        state["reused_frozen"] = True
+        return model_lib.compile_model(model, cfg.learning_rate)
+    return model_lib.compile_model(model, _fine_tune_rate(cfg))
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. `loop_config`: train (a TrainConfig as JSON), classes,
-    image_size, mlflow_run_id (or None), cache_rows_per_worker."""
+    image_size, mlflow_run_id (or None), cache_rows_per_worker, init_model (a ModelBundle or None)."""
     import ray.train
 
     cfg = TrainConfig.model_validate(loop_config["train"])
@@ -160,9 +182,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model, state = _restore(checkpoint, work_dir)
         else:
             state = fresh_state()
-            model = model_lib.compile_model(
-                model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage), cfg.learning_rate
-            )
+            model = _initial_model(cfg, classes, image_size, loop_config.get("init_model"), state)
     state["starts"].append(state["epoch"])
 
     per_worker_batch = cfg.batch_size // world
@@ -179,15 +199,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         def on_report(metrics: dict[str, float], epoch: int) -> None:
             tracking.log_metrics(cfg.mlflow.tracking_uri, loop_config["mlflow_run_id"], metrics, epoch)
 
+    callback = EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report)
+
+    def fit_until(epochs: int) -> None:
+        model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=state["epoch"], callbacks=[callback],
+                  verbose=0)
+
+    if state["reused_frozen"]:  # init_from: the new classifier alone first
+        fit_until(min(cfg.model.freeze_epochs, cfg.epochs))
+        with strategy.scope():
+            model_lib.set_reused_trainable(model, True)
+            model = model_lib.compile_model(model, _fine_tune_rate(cfg))
+        # Fine-tuning starts a new phase: its epochs get the full patience.
+        state.update(reused_frozen=False, bad_epochs=0)
     if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stopping_patience:
-        model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=cfg.epochs,
-            initial_epoch=state["epoch"],
-            callbacks=[EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report)],
-            verbose=0,
-        )
+        fit_until(cfg.epochs)
     else:
         # Restored after its last epoch: the driver died before the run was recorded as ended
         # (a Tune trial killed with its experiment). Report the final epoch again, so whoever

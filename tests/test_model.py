@@ -117,3 +117,28 @@ def test_lambda_code_is_refused_in_a_keras_zip_and_in_hdf5_named_keras(tmp_path)
     with pytest.raises(ConfigError, match="HDF5"):
         load_model(str(tmp_path / "hdf5_renamed.keras"))
     assert not ran.exists()
+
+
+def test_reuse_for_classes_keeps_shared_classes_by_name_and_freezing_spares_the_classifier():
+    from emotion_ray.model import reuse_for_classes, set_reused_trainable
+
+    parent = build_model(ModelConfig(), 3, 24)
+    kernel, bias = parent.layers[-1].get_weights()
+    child = reuse_for_classes(parent, ["angry", "happy", "sad"], ["Sad", "happy", "neutral"])
+    new_kernel, new_bias = child.layers[-1].get_weights()
+    np.testing.assert_array_equal(new_kernel[:, 0], kernel[:, 2])  # Sad <- sad, case-insensitive
+    np.testing.assert_array_equal(new_kernel[:, 1], kernel[:, 1])
+    assert new_kernel.shape == (kernel.shape[0], 3) and child.output_shape == (None, 3)
+    x = np.random.default_rng(4).integers(0, 256, (2, 24, 24, 3), dtype=np.uint8)
+    np.testing.assert_allclose(child.predict(x, verbose=0)[:, :2].sum() > 0, True)
+    assert child.layers[-2].output is not None and child.layers[1] is parent.layers[0]  # shared, not copied
+    set_reused_trainable(child, False)
+    assert [w.name for w in child.trainable_weights] == [w.name for w in child.layers[-1].weights]
+
+
+def test_reuse_refuses_a_model_without_a_softmax_classifier():
+    from emotion_ray.model import reuse_for_classes
+
+    plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    with pytest.raises(ConfigError, match="not a softmax Dense"):
+        reuse_for_classes(plain, ["a", "b", "c"], ["a", "b"])

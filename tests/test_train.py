@@ -190,3 +190,40 @@ def test_worker_cpu_reservation(cluster_cpus, workers, use_gpu, groups, reserved
     from emotion_ray.train import worker_cpus
 
     assert worker_cpus(cluster_cpus, workers, use_gpu, groups=groups, reserved=reserved) == expected
+
+
+def test_init_from_reuses_a_run_for_other_classes_on_two_workers_and_resumes(trained, demo_images, tmp_path):
+    """Transfer learning: the trained run's layers and its sad/happy classifier rows, frozen for an
+    epoch, then fine-tuned; stopped and resumed across the switch."""
+    from emotion_ray.config import PrepareConfig
+    from emotion_ray.prepare import prepare
+
+    _, parent_dir, _ = trained
+    subset = tmp_path / "two_classes"
+    prepare(PrepareConfig(inputs=[str(demo_images)], output=str(subset), image_size=48, classes=["sad", "happy"]))
+    model = {"init_from": str(parent_dir), "freeze_epochs": 1}
+    first = run_training(train_config(subset, tmp_path / "runs", run_name="child", epochs=2, model=model,
+                                      early_stopping_patience=10))
+    history = pd.read_csv(tmp_path / "runs" / "child" / "history.csv")
+    # The first epoch trains the classifier alone, yet starts from what the parent knows.
+    assert history["val_categorical_accuracy"][0] >= 0.7, history
+    resumed = run_training(train_config(subset, tmp_path / "runs", run_name="child", epochs=4, model=model,
+                                        resume=True, early_stopping_patience=10))
+    assert first["epochs_run"] == 2 and resumed["training_starts"] == [0, 2] and resumed["epochs_run"] == 4
+    assert resumed["categorical_accuracy"] >= 0.7 and set(resumed["per_class"]) == {"sad", "happy"}
+    labels = json.loads((tmp_path / "runs" / "child" / "labels.json").read_text())
+    assert labels["classes"] == ["sad", "happy"]
+
+
+def test_init_from_must_match_the_dataset_image_size(trained, prepared_demo, tmp_path, ray_session):
+    from emotion_ray.config import PrepareConfig
+    from emotion_ray.demo import make_demo_dataset
+    from emotion_ray.prepare import prepare
+
+    _, parent_dir, _ = trained
+    images = tmp_path / "imgs"
+    make_demo_dataset(images, per_class=4, seed=3, canvas=40)
+    prepare(PrepareConfig(inputs=[str(images)], output=str(tmp_path / "ds32"), image_size=32))
+    with pytest.raises(ConfigError, match="takes 48px images but the dataset is 32px"):
+        run_training(train_config(tmp_path / "ds32", tmp_path / "runs", run_name="x",
+                                  model={"init_from": str(parent_dir)}))
