@@ -120,11 +120,17 @@ class AugmentationConfig(StrictModel):
     rotation: float = Field(0.05, ge=0, le=0.5, description="Fraction of a full turn.")
     zoom: float = Field(0.1, ge=0, lt=1)
     contrast: float = Field(0.1, ge=0, lt=1)
+    translation: float = Field(
+        0.0, ge=0, lt=1, description="Largest shift, as a fraction of the image side, in each direction. 0: none."
+    )
+    brightness: float = Field(
+        0.0, ge=0, le=1, description="Largest brightness change, as a fraction of the full [0, 1] range. 0: none."
+    )
 
 
 class ModelConfig(StrictModel):
-    architecture: Literal["seed_cnn", "wide_cnn", "mobilenet_v2"] = "seed_cnn"
-    dense_units: int = Field(256, ge=8)
+    architecture: Literal["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"] = "seed_cnn"
+    dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn has none).")
     filter_multiplier: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
@@ -167,7 +173,22 @@ class TrainConfig(StrictModel):
     )
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1, description="Global batch: split evenly over the workers.")
-    learning_rate: float = Field(1e-3, gt=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Peak learning rate (the constant one, or after warmup).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="cosine: linear warmup over warmup_epochs to learning_rate, then cosine decay to 0 at the "
+        "last of `epochs` (needs the total number of steps: epochs x steps per epoch).",
+    )
+    warmup_epochs: float = Field(0.0, ge=0, description="With lr_schedule=cosine: epochs of linear warmup from 0.")
+    weight_decay: float = Field(
+        0.0, ge=0, lt=1, description="0: Adam. Above 0: AdamW with this decoupled weight decay (scaled by the learning rate)."
+    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Of the categorical cross-entropy training loss.")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none",
+        description="balanced: each class's loss weighted by n / (k x its count) in train (scikit-learn's "
+        "definition), so every class weighs the same in total.",
+    )
     early_stopping_patience: int = Field(3, ge=1)
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     image_size: int | None = Field(None, ge=8, le=2048, description="Only when preparing on the fly.")
@@ -191,6 +212,12 @@ class TrainConfig(StrictModel):
             raise ValueError("resume needs run_name: the run to continue")
         if self.model.architecture == "mobilenet_v2" and self.image_size is not None and self.image_size < 32:
             raise ValueError("mobilenet_v2 needs image_size >= 32")
+        if self.model.architecture == "face_cnn" and self.image_size is not None and self.image_size < 16:
+            raise ValueError("face_cnn needs image_size >= 16 (three 2x poolings)")
+        if self.warmup_epochs and self.lr_schedule != "cosine":
+            raise ValueError("warmup_epochs needs lr_schedule: cosine")
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must be below epochs {self.epochs}")
         return self
 
 

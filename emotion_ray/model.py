@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from emotion_ray.config import ModelConfig, StorageConfig
+from emotion_ray.config import ModelConfig, StorageConfig, TrainConfig
 from emotion_ray.errors import ConfigError
 
 import tensorflow as tf  # noqa: E402
@@ -29,7 +29,8 @@ KERAS_ZIP_MAGIC = b"PK\x03\x04"
 METRIC_NAMES = ("categorical_accuracy", "precision", "recall")
 
 
-def _augmentation(cfg: ModelConfig) -> list:
+def _augmentation(cfg: ModelConfig, value_range: tuple[float, float] = (0.0, 1.0)) -> list:
+    """Random layers (identity at inference); `value_range`: the pixel range they see, for brightness."""
     aug = cfg.augmentation
     if not aug.enabled:
         return []
@@ -40,8 +41,12 @@ def _augmentation(cfg: ModelConfig) -> list:
         layers.append(keras.layers.RandomRotation(aug.rotation))
     if aug.zoom:
         layers.append(keras.layers.RandomZoom(aug.zoom))
+    if aug.translation:
+        layers.append(keras.layers.RandomTranslation(aug.translation, aug.translation))
     if aug.contrast:
         layers.append(keras.layers.RandomContrast(aug.contrast))
+    if aug.brightness:
+        layers.append(keras.layers.RandomBrightness(aug.brightness, value_range=value_range))
     return layers
 
 
@@ -91,7 +96,7 @@ def mobilenet_v2(
     """
     inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # MobileNetV2 expects [-1, 1]
-    for layer in _augmentation(cfg):
+    for layer in _augmentation(cfg, value_range=(-1.0, 1.0)):
         x = layer(x)
     backbone = keras.applications.MobileNetV2(
         input_shape=(image_size, image_size, 3), include_top=False, weights=None, alpha=0.35
@@ -109,7 +114,53 @@ def mobilenet_v2(
     return keras.Model(inputs, x, name="mobilenet_v2")
 
 
-ARCHITECTURES = {"seed_cnn": seed_cnn, "wide_cnn": wide_cnn, "mobilenet_v2": mobilenet_v2}
+# ITU-R BT.601 luma, the weights of tf.image.rgb_to_grayscale and PIL's convert("L").
+GREY_WEIGHTS = (0.299, 0.587, 0.114)
+
+
+def face_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> keras.Model:
+    """A small VGG-style CNN for face crops (FER2013's 48x48; 64 also works), grey inside.
+
+    uint8 RGB (N, S, S, 3)
+      -> Rescaling(1/255)                         (N, S, S, 3) in [0, 1]
+      -> augmentation (training only)             (N, S, S, 3)
+      -> grey: fixed BT.601 luma, not trained     (N, S, S, 1)
+      -> 4 stages of Conv3x3-BatchNorm-ReLU with 32, 64, 128, 256 filters (x filter_multiplier),
+         2x2 max-pooling after the first three    (N, S/8, S/8, 256)
+      -> GlobalAveragePooling2D                   (N, 256)
+      -> Dropout(cfg.dropout) -> Dense(num_classes, softmax)   (no hidden Dense: dense_units unused)
+
+    390,054 parameters for 3 classes at any S (the seed CNN: 3.7 M at 256), ~32 M multiply-adds
+    per 48x48 image. The design is VGG's stacked 3x3 convolutions (Simonyan & Zisserman 2015) with
+    batch normalisation (Ioffe & Szegedy 2015) and global average pooling in place of Flatten-Dense
+    (Lin et al. 2014, "Network in Network"), as in mini-Xception for FER2013 (Arriaga et al. 2017).
+    Colour photos become grey inside the model, so they look like FER2013's grey faces
+    (RECIPE_NOTES.md); the conversion follows the augmentation, which then never needs gradients
+    through the (TensorFlow-trainable) luma kernel. Recipe and numbers: RECIPE_NOTES.md.
+    """
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1 / 255)(inputs)
+    for layer in _augmentation(cfg):
+        x = layer(x)
+    x = keras.layers.Dense(
+        1, use_bias=False, trainable=False, name="grey",
+        kernel_initializer=keras.initializers.Constant([[w] for w in GREY_WEIGHTS]),
+    )(x)
+    bases = (32, 64, 128, 256)
+    for i, base in enumerate(bases):
+        x = keras.layers.Conv2D(_filters(base, cfg), (3, 3), padding="same", use_bias=False)(x)
+        x = keras.layers.BatchNormalization()(x)
+        x = keras.layers.ReLU()(x)
+        if i < len(bases) - 1:
+            x = keras.layers.MaxPooling2D()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
+    return keras.Model(inputs, outputs, name="face_cnn")
+
+
+ARCHITECTURES = {"seed_cnn": seed_cnn, "wide_cnn": wide_cnn, "mobilenet_v2": mobilenet_v2, "face_cnn": face_cnn}
 
 
 def build_model(cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg: StorageConfig | None = None):
@@ -152,10 +203,61 @@ def set_reused_trainable(model: keras.Model, trainable: bool) -> None:
         layer.trainable = trainable
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
+def class_weights(counts: dict[str, int], classes: list[str]) -> dict[int, float]:
+    """Keras `class_weight` for `fit`, "balanced" as scikit-learn defines it: n / (k * count).
+
+    `counts`: training examples per class name; the keys of the result are indices into `classes`.
+    Every class then weighs the same in the training loss in total (FER2013's train has 1.8
+    happy per angry face).
+    """
+    missing = [c for c in classes if counts.get(c, 0) <= 0]
+    if missing:
+        raise ValueError(f"no training examples for {missing}: balanced class weights need every class")
+    n = sum(counts[c] for c in classes)
+    return {i: n / (len(classes) * counts[c]) for i, c in enumerate(classes)}
+
+
+def learning_rate_schedule(
+    learning_rate: float, schedule: str = "constant", total_steps: int | None = None, warmup_steps: int = 0
+):
+    """`learning_rate` itself, or for "cosine" a linear warmup from 0 over `warmup_steps` to it and a
+    cosine decay to 0 at `total_steps` (optimizer steps of the whole run: epochs x steps per epoch)."""
+    if schedule == "constant":
+        return learning_rate
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r}")
+    if not total_steps or total_steps <= warmup_steps:
+        raise ValueError(f"cosine needs total_steps above warmup_steps ({warmup_steps}), got {total_steps}")
+    if not warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(learning_rate, total_steps)
+    return keras.optimizers.schedules.CosineDecay(
+        0.0, total_steps - warmup_steps, warmup_target=learning_rate, warmup_steps=warmup_steps
+    )
+
+
+def compile_model(
+    model: keras.Model,
+    learning_rate: float,
+    *,
+    lr_schedule: str = "constant",
+    total_steps: int | None = None,
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    label_smoothing: float = 0.0,
+) -> keras.Model:
+    """Adam (AdamW when `weight_decay` > 0) on categorical cross-entropy, with the project's metrics.
+
+    The defaults are the seed's: constant rate, Adam, no smoothing. See `learning_rate_schedule`
+    for `total_steps`/`warmup_steps`; `compile_for_training` derives them from a TrainConfig.
+    """
+    lr = learning_rate_schedule(learning_rate, lr_schedule, total_steps, warmup_steps)
+    if weight_decay:
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.Adam(lr)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(),
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=label_smoothing),
         metrics=[
             keras.metrics.CategoricalAccuracy(name="categorical_accuracy"),
             keras.metrics.Precision(name="precision"),
@@ -163,6 +265,20 @@ def compile_model(model: keras.Model, learning_rate: float) -> keras.Model:
         ],
     )
     return model
+
+
+def compile_for_training(model: keras.Model, cfg: TrainConfig, steps_per_epoch: int) -> keras.Model:
+    """`compile_model` with a TrainConfig's options; `steps_per_epoch`: optimizer steps per epoch
+    (each worker's: ceil(train rows / batch_size) when the global batch is split over workers)."""
+    return compile_model(
+        model,
+        cfg.learning_rate,
+        lr_schedule=cfg.lr_schedule,
+        total_steps=cfg.epochs * steps_per_epoch,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        weight_decay=cfg.weight_decay,
+        label_smoothing=cfg.label_smoothing,
+    )
 
 
 def save_model(model: keras.Model, path: str, include_optimizer: bool = True) -> None:

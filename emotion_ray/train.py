@@ -124,6 +124,8 @@ def build_trainer(
             "mlflow_run_id": mlflow_run_id,
             "cache_rows_per_worker": _cache_rows(cfg, manifest),
             "init_model": init_model(cfg, manifest),
+            "steps_per_epoch": -(-manifest["split_rows"]["train"] // cfg.batch_size),
+            "train_counts": manifest["counts"]["train"],
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources

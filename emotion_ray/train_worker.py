@@ -136,29 +136,34 @@ def _restore(checkpoint, work_dir: str):
         return model_lib.load_model(os.path.join(ckpt_dir, LATEST_MODEL), compile=True), state
 
 
-def _fine_tune_rate(cfg: TrainConfig) -> float:
-    return cfg.model.fine_tune_learning_rate or cfg.learning_rate / 10
+def _fine_tuning(cfg: TrainConfig, from_epoch: int) -> TrainConfig:
+    """The options that compile a transferred model once its reused layers train: the fine-tune
+    rate, over the epochs left (a new optimizer counts its steps from 0)."""
+    return cfg.model_copy(update={"learning_rate": cfg.model.fine_tune_learning_rate or cfg.learning_rate / 10,
+                                  "epochs": max(1, cfg.epochs - from_epoch), "warmup_epochs": 0.0})
 
 
-def _initial_model(cfg: TrainConfig, classes: list[str], image_size: int, init_model, state: dict[str, Any]):
+def _initial_model(cfg: TrainConfig, classes: list[str], image_size: int, init_model, state: dict[str, Any],
+                   steps_per_epoch: int):
     """A compiled model for a run's first epoch: built from its config, or with init_from (a
     ModelBundle) the earlier model's layers and a classifier for `classes`, frozen first when
     freeze_epochs is set. Call inside the strategy's scope."""
     if init_model is None:
-        return model_lib.compile_model(model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage),
-                                       cfg.learning_rate)
+        model = model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage)
+        return model_lib.compile_for_training(model, cfg, steps_per_epoch)
     model = model_lib.reuse_for_classes(model_lib.load_model_bytes(init_model.model_bytes), init_model.classes,
                                         classes)
     if cfg.model.freeze_epochs:
         model_lib.set_reused_trainable(model, False)
         state["reused_frozen"] = True
-        return model_lib.compile_model(model, cfg.learning_rate)
-    return model_lib.compile_model(model, _fine_tune_rate(cfg))
+        return model_lib.compile_for_training(model, cfg, steps_per_epoch)
+    return model_lib.compile_for_training(model, _fine_tuning(cfg, 0), steps_per_epoch)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. `loop_config`: train (a TrainConfig as JSON), classes,
-    image_size, mlflow_run_id (or None), cache_rows_per_worker, init_model (a ModelBundle or None)."""
+    image_size, mlflow_run_id (or None), cache_rows_per_worker, init_model (a ModelBundle or None),
+    steps_per_epoch (optimizer steps: ceil(train rows / global batch)), train_counts (rows per class)."""
     import ray.train
 
     cfg = TrainConfig.model_validate(loop_config["train"])
@@ -182,7 +187,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model, state = _restore(checkpoint, work_dir)
         else:
             state = fresh_state()
-            model = _initial_model(cfg, classes, image_size, loop_config.get("init_model"), state)
+            model = _initial_model(cfg, classes, image_size, loop_config.get("init_model"), state,
+                                   loop_config["steps_per_epoch"])
     state["starts"].append(state["epoch"])
 
     per_worker_batch = cfg.batch_size // world
@@ -200,16 +206,19 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             tracking.log_metrics(cfg.mlflow.tracking_uri, loop_config["mlflow_run_id"], metrics, epoch)
 
     callback = EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report)
+    weights = (model_lib.class_weights(loop_config["train_counts"], classes) if cfg.class_weight == "balanced"
+               else None)
 
     def fit_until(epochs: int) -> None:
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=state["epoch"], callbacks=[callback],
-                  verbose=0)
+                  class_weight=weights, verbose=0)
 
     if state["reused_frozen"]:  # init_from: the new classifier alone first
         fit_until(min(cfg.model.freeze_epochs, cfg.epochs))
         with strategy.scope():
             model_lib.set_reused_trainable(model, True)
-            model = model_lib.compile_model(model, _fine_tune_rate(cfg))
+            model = model_lib.compile_for_training(model, _fine_tuning(cfg, state["epoch"]),
+                                                   loop_config["steps_per_epoch"])
         # Fine-tuning starts a new phase: its epochs get the full patience.
         state.update(reused_frozen=False, bad_epochs=0)
     if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stopping_patience:

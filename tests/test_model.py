@@ -5,10 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emotion_ray.config import ModelConfig
-from emotion_ray.config import ConfigError
+from emotion_ray.config import ConfigError, ModelConfig, TrainConfig, build_config
 from emotion_ray.inference import forward_pass
-from emotion_ray.model import KERAS_ZIP_MAGIC, build_model, compile_model, keras, load_model, save_model
+from emotion_ray.model import (
+    GREY_WEIGHTS,
+    KERAS_ZIP_MAGIC,
+    build_model,
+    class_weights,
+    compile_for_training,
+    compile_model,
+    keras,
+    load_model,
+    save_model,
+)
+
+FACE_AUG = {"enabled": True, "rotation": 0.03, "translation": 0.1, "zoom": 0.1, "brightness": 0.2, "contrast": 0.2}
 
 
 def test_seed_cnn_is_the_seed_architecture_with_rescaling_in_front():
@@ -34,9 +45,9 @@ def test_scaling_lives_in_the_model():
     np.testing.assert_allclose(model.predict(raw, verbose=0), model.predict(raw.astype("float32"), verbose=0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["seed_cnn", "wide_cnn", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"])
 def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp_path):
-    cfg = ModelConfig(architecture=arch, dropout=0.2, augmentation={"enabled": True})
+    cfg = ModelConfig(architecture=arch, dropout=0.2, augmentation=FACE_AUG)
     size = 32
     model = compile_model(build_model(cfg, 3, size), 1e-3)
     x = np.random.default_rng(1).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
@@ -142,3 +153,120 @@ def test_reuse_refuses_a_model_without_a_softmax_classifier():
     plain = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     with pytest.raises(ConfigError, match="not a softmax Dense"):
         reuse_for_classes(plain, ["a", "b", "c"], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- face_cnn
+@pytest.mark.parametrize("size", [48, 64])
+def test_face_cnn_takes_uint8_rgb_and_is_small(size):
+    model = build_model(ModelConfig(architecture="face_cnn", dropout=0.3, augmentation=FACE_AUG), 3, size)
+    assert model.input_shape == (None, size, size, 3) and model.input.dtype == "uint8"
+    assert model.output_shape == (None, 3)
+    # Global pooling: the same parameters at any size, a tenth of the seed CNN's 3.7 M.
+    assert model.count_params() == 390_054
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert {"BatchNormalization", "GlobalAveragePooling2D", "RandomTranslation", "RandomBrightness"} <= kinds
+    assert "Flatten" not in kinds
+    x = np.random.default_rng(3).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    probs = model.predict(x, verbose=0)
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_face_cnn_sees_a_colour_image_as_its_grey_version():
+    model = build_model(ModelConfig(architecture="face_cnn"), 3, 48)
+    grey_layer = model.get_layer("grey")
+    assert not grey_layer.trainable and id(grey_layer.weights[0]) not in {id(w) for w in model.trainable_weights}
+    colour = np.random.default_rng(4).integers(0, 256, (3, 48, 48, 3), dtype=np.uint8)
+    luma = np.rint(colour.astype("float64") @ np.array(GREY_WEIGHTS)).astype(np.uint8)
+    grey = np.repeat(luma[..., None], 3, axis=-1)  # what a grey FER2013 JPEG decodes to as RGB
+    # Equal up to the rounding of luma to uint8 (half a grey level).
+    np.testing.assert_allclose(model.predict(colour, verbose=0), model.predict(grey, verbose=0), atol=2e-3)
+    # And the channels are mixed only by luma: swapping red and blue of a grey image changes nothing.
+    np.testing.assert_array_equal(model.predict(grey, verbose=0), model.predict(grey[..., ::-1], verbose=0))
+
+
+def test_face_cnn_trains_with_every_face_augmentation():
+    # RandomContrast has no gradient: the luma kernel (a TensorFlow-trainable variable even with
+    # trainable=False) must come after the augmentation, or fit fails at its first step.
+    model = build_model(ModelConfig(architecture="face_cnn", dropout=0.3, augmentation=FACE_AUG), 3, 16)
+    compile_model(model, 1e-3, weight_decay=0.05, label_smoothing=0.1)
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    y = np.eye(3, dtype="float32")[rng.integers(0, 3, 8)]
+    grey_before = model.get_layer("grey").get_weights()[0].copy()
+    history = model.fit(x, y, batch_size=4, epochs=1, verbose=0, class_weight={0: 1.5, 1: 0.5, 2: 1.0})
+    assert np.isfinite(history.history["loss"][0])
+    np.testing.assert_array_equal(model.get_layer("grey").get_weights()[0], grey_before)
+
+
+# ----------------------------------------------------------------------------- training options
+def test_balanced_class_weights_are_scikit_learns():
+    counts = {"angry": 3995, "happy": 7215, "sad": 4830, "unused": 7}
+    weights = class_weights(counts, ["angry", "happy", "sad"])
+    n = 3995 + 7215 + 4830
+    assert weights == pytest.approx({0: n / (3 * 3995), 1: n / (3 * 7215), 2: n / (3 * 4830)})
+    # Every class weighs the same in total, and the mean weight per example is 1.
+    totals = [weights[i] * counts[c] for i, c in enumerate(["angry", "happy", "sad"])]
+    assert totals == pytest.approx([n / 3] * 3)
+    assert class_weights({"a": 5, "b": 5}, ["a", "b"]) == {0: 1.0, 1: 1.0}
+    with pytest.raises(ValueError, match="sad"):
+        class_weights({"angry": 3, "happy": 4}, ["angry", "happy", "sad"])
+
+
+def _schedule(model):
+    """The optimizer's learning-rate schedule (`optimizer.learning_rate` reads its current value)."""
+    from emotion_ray.model import keras
+
+    return keras.optimizers.schedules.deserialize(model.optimizer.get_config()["learning_rate"])
+
+
+def _small_model():
+    return build_model(ModelConfig(architecture="face_cnn", filter_multiplier=0.25), 3, 16)
+
+
+def test_compile_defaults_are_the_seeds_adam_without_smoothing():
+    model = compile_model(_small_model(), 1e-3)
+    assert type(model.optimizer).__name__ == "Adam"
+    assert float(model.optimizer.learning_rate) == pytest.approx(1e-3)
+    assert model.loss.get_config()["label_smoothing"] == 0.0
+
+
+def test_compile_options_smoothing_adamw_and_warmup_cosine():
+    model = compile_model(_small_model(), 2e-3, lr_schedule="cosine", total_steps=100, warmup_steps=10,
+                          weight_decay=0.05, label_smoothing=0.1)
+    assert type(model.optimizer).__name__ == "AdamW" and model.optimizer.weight_decay == pytest.approx(0.05)
+    assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+    schedule = _schedule(model)
+    lr = [float(schedule(step)) for step in (0, 5, 10, 55, 100)]
+    assert lr == pytest.approx([0.0, 1e-3, 2e-3, 1e-3, 0.0], abs=1e-7)
+    # No warmup: cosine from the peak.
+    plain = _schedule(compile_model(_small_model(), 1e-3, lr_schedule="cosine", total_steps=10))
+    assert float(plain(0)) == pytest.approx(1e-3) and float(plain(10)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="total_steps"):
+        compile_model(_small_model(), 1e-3, lr_schedule="cosine", total_steps=None)
+
+
+def test_compile_for_training_takes_a_train_configs_options(tmp_path):
+    cfg = TrainConfig(data="d", epochs=4, learning_rate=2e-3, lr_schedule="cosine", warmup_epochs=1,
+                      weight_decay=0.05, label_smoothing=0.1, class_weight="balanced")
+    model = compile_for_training(_small_model(), cfg, steps_per_epoch=25)
+    schedule = _schedule(model)
+    assert float(schedule(25)) == pytest.approx(2e-3) and float(schedule(100)) == pytest.approx(0.0, abs=1e-9)
+    # The schedule (and with it the step count) survives a save/load, as a resumed run needs.
+    path = tmp_path / "m.keras"
+    save_model(model, str(path))
+    reloaded = load_model(str(path), compile=True)
+    assert float(_schedule(reloaded)(25)) == pytest.approx(2e-3)
+    assert reloaded.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
+
+
+def test_train_config_defaults_keep_todays_training_and_options_are_validated():
+    cfg = TrainConfig(data="d")
+    assert (cfg.lr_schedule, cfg.warmup_epochs, cfg.weight_decay, cfg.label_smoothing, cfg.class_weight) == (
+        "constant", 0.0, 0.0, 0.0, "none")
+    aug = cfg.model.augmentation
+    assert (aug.enabled, aug.translation, aug.brightness) == (False, 0.0, 0.0)
+    for bad in ({"class_weight": "auto"}, {"lr_schedule": "step"}, {"label_smoothing": 1.0},
+                {"warmup_epochs": 1}, {"lr_schedule": "cosine", "warmup_epochs": 10},
+                {"model": {"augmentation": {"brightness": 1.5}}}):
+        with pytest.raises(ConfigError):
+            build_config(TrainConfig, {"data": "d", **bad})
