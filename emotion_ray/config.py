@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from emotion_ray.errors import ConfigError  # noqa: F401 - re-exported: callers catch it from here
 
-DEFAULT_CLASSES = ["angry", "happy", "sad"]
 CPU_SCORE_BATCH, GPU_SCORE_BATCH = 64, 256
 
 
@@ -25,8 +24,11 @@ class StrictModel(BaseModel):
 
 
 def default_tracking_uri() -> str:
-    # MLflow 3 rejects the old ./mlruns file store; an absolute sqlite path also survives
-    # Tune changing the working directory of each trial.
+    """MLflow's own MLFLOW_TRACKING_URI when set (a flag or config key still wins), else
+    sqlite:///<cwd>/mlflow.db: MLflow 3 rejects the old ./mlruns file store, and an absolute
+    path also survives Tune changing the working directory of each trial."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str(Path(os.environ.get("EMOTION_RAY_HOME", Path.cwd())).resolve() / "mlflow.db")
 
 
@@ -75,7 +77,9 @@ class FaceConfig(StrictModel):
 class PrepareConfig(DecodeLimits):
     inputs: list[str] = Field(min_length=1, description="Roots laid out as <root>/<label>/**/<image>.")
     output: str = Field(description="Folder or s3:// prefix for the prepared dataset.")
-    classes: list[str] = Field(default_factory=lambda: list(DEFAULT_CLASSES))
+    classes: list[str] | None = Field(
+        None, description="Classes to keep, in label order, matched case-insensitively to the class folders. "
+        "Unset: every class folder found, sorted (as Keras' image_dataset_from_directory).")
     image_size: int = Field(256, ge=8, le=2048)
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
     split_by: Literal["hash", "folder"] = Field(
@@ -88,11 +92,13 @@ class PrepareConfig(DecodeLimits):
 
     @field_validator("classes")
     @classmethod
-    def _classes_unique(cls, value: list[str]) -> list[str]:
+    def _classes_unique(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
         if len(value) < 2:
             raise ValueError("need at least two classes")
-        if len(set(value)) != len(value):
-            raise ValueError(f"classes must be unique, got {value}")
+        if len({v.lower() for v in value}) != len(value):
+            raise ValueError(f"classes must be unique (case-insensitively), got {value}")
         return value
 
     @field_validator("splits")
@@ -105,11 +111,6 @@ class PrepareConfig(DecodeLimits):
         if value["train"] <= 0:
             raise ValueError("the train split cannot be empty")
         return value
-
-    @property
-    def classes_given(self) -> bool:
-        """True when the user listed the classes: then other class folders are skipped, not errors."""
-        return "classes" in self.model_fields_set
 
 
 class AugmentationConfig(StrictModel):

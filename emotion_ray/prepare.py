@@ -46,15 +46,22 @@ class Listing:
     """What the input roots hold: usable files with labels, and everything skipped, by reason."""
 
     files: list[dict[str, Any]] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
     ignored: Counter = field(default_factory=Counter)
     found: int = 0
 
 
 def list_labelled_files(cfg: PrepareConfig) -> Listing:
     """Walk every root; label files by their first folder (with split_by folder: the split's
-    folder, then the class's); count what is skipped and why."""
+    folder, then the class's); count what is skipped and why.
+
+    Classes: `cfg.classes` matched case-insensitively against the folders (others are skipped
+    as class_not_selected), or when unset every class folder found, sorted (as Keras'
+    image_dataset_from_directory does); folders differing only in case are one class, spelt
+    as the first of them. Raises ConfigError for fewer than two classes or a class with no file.
+    """
     listing = Listing()
-    unknown: Counter = Counter()
+    candidates: list[tuple[str, str, str | None]] = []  # (uri, class folder, given split)
     by_folder = cfg.split_by == "folder"
     for root in cfg.inputs:
         if not storage.filesystem(root, cfg.storage).isdir(storage.strip_scheme(root)):
@@ -72,23 +79,30 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 listing.ignored[reason] += 1
             elif len(parts) < 2:
                 listing.ignored["not_in_class_folder"] += 1
-            elif parts[0] not in cfg.classes:
-                if cfg.classes_given:
-                    listing.ignored["class_not_selected"] += 1
-                else:
-                    unknown[parts[0]] += 1
             else:
-                row = {"path": uri, "label": parts[0], "label_index": cfg.classes.index(parts[0])}
-                listing.files.append({**row, "given_split": split} if by_folder else row)
-    if unknown:
-        raise ConfigError(
-            f"found class folders {sorted(unknown)} that are not among the classes {cfg.classes}; "
-            "list the classes to keep with --classes (others are then skipped and counted)"
-        )
+                candidates.append((uri, parts[0], split))
+    if cfg.classes is None:
+        spelling: dict[str, str] = {}
+        for folder in sorted({folder for _, folder, _ in candidates}):
+            spelling.setdefault(folder.lower(), folder)
+        classes = sorted(spelling.values())
+    else:
+        classes = list(cfg.classes)
+    if len(classes) < 2:
+        raise ConfigError(f"need at least two class folders under {cfg.inputs}, found {classes}")
+    by_name = {c.lower(): i for i, c in enumerate(classes)}
+    for uri, folder, split in candidates:
+        index = by_name.get(folder.lower())
+        if index is None:
+            listing.ignored["class_not_selected"] += 1
+            continue
+        row = {"path": uri, "label": classes[index], "label_index": index}
+        listing.files.append({**row, "given_split": split} if by_folder else row)
     present = {f["label"] for f in listing.files}
-    missing = [c for c in cfg.classes if c not in present]
+    missing = [c for c in classes if c not in present]
     if missing:
         raise ConfigError(f"no images found for class(es) {missing} under {cfg.inputs}")
+    listing.classes = classes
     return listing
 
 
@@ -231,6 +245,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     from emotion_ray.runtime import init_ray
 
     listing = list_labelled_files(cfg)
+    cfg = cfg.model_copy(update={"classes": listing.classes})  # as found (or given), in label_index order
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)

@@ -152,8 +152,16 @@ def download_model(model_uri: str, tracking_uri: str, dst: str) -> tuple[str, st
     """`models:/name/version` -> local (model.keras, labels.json) paths."""
     import mlflow
 
+    from mlflow.exceptions import MlflowException
+
+    from emotion_ray.errors import ConfigError
+
     mlflow.set_tracking_uri(tracking_uri)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=dst)
+    except MlflowException as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model {model_uri} not found in the MLflow registry at {tracking_uri}: {first_line}") from None
     found: dict[str, str] = {}
     for folder, _, files in os.walk(local):
         for name in files:

@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.dataset as pads
@@ -133,16 +135,27 @@ def test_split_of_follows_the_fractions():
     assert abs(counts["train"] / 20000 - 0.7) < 0.02 and abs(counts["test"] / 20000 - 0.1) < 0.01
 
 
-def test_unknown_class_is_a_clear_error_unless_classes_are_listed(ray_session, tmp_path):
+def test_classes_default_to_the_folders_found_and_listed_ones_match_case_insensitively(ray_session, tmp_path):
     root = tmp_path / "in"
     make_demo_dataset(root, per_class=4, seed=0, canvas=32)
     shutil.copytree(root / "angry", root / "neutral")
-    with pytest.raises(ConfigError, match="neutral"):
-        prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o1"), image_size=16))
+    manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o1"), image_size=16))
+    assert manifest["classes"] == ["angry", "happy", "neutral", "sad"]  # sorted, as Keras infers them
     manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o2"), image_size=16,
-                                     classes=["happy", "sad"]))
-    assert manifest["classes"] == ["happy", "sad"]
+                                     classes=["Happy", "sad"]))
+    assert manifest["classes"] == ["Happy", "sad"] and manifest["counts"]["train"]["Happy"] > 0
     assert manifest["ignored"]["by_reason"] == {"class_not_selected": 8}
+
+
+def test_the_seed_notebooks_folder_layout_prepares_with_no_flags(ray_session, tmp_path):
+    root = tmp_path / "data"
+    make_demo_dataset(root, per_class=4, seed=0, canvas=32)
+    for name in ("angry", "happy", "sad"):
+        (root / name).rename(root / name.capitalize())  # Angry/, Happy/, Sad/ as the seed shipped them
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "prepare", "--input", str(root), "--output",
+                          str(tmp_path / "ds"), "--image-size", "16"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert read_manifest(str(tmp_path / "ds"))["classes"] == ["Angry", "Happy", "Sad"]
 
 
 @pytest.mark.fast
@@ -150,7 +163,8 @@ def test_missing_class_is_a_clear_error(tmp_path):
     root = tmp_path / "in"
     make_demo_dataset(root, per_class=3, seed=0, canvas=32, classes=("angry", "happy"))
     with pytest.raises(ConfigError, match=r"no images found for class\(es\) \['sad'\]"):
-        prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"), image_size=16))
+        prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"), image_size=16,
+                              classes=["angry", "happy", "sad"]))
 
 
 def test_output_safety_rules(ray_session, tmp_path):

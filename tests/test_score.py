@@ -437,3 +437,14 @@ def test_predict_prints_every_face_and_annotates_the_picture(model_dir, people_p
     box = [int(v) for v in res.stdout.splitlines()[0].split(" at [")[1].split("]")[0].split(",")]
     edge = drawn.getpixel((box[0] + box[2] // 2, box[1]))  # the middle of the box's top edge is drawn
     assert edge != original.getpixel((box[0] + box[2] // 2, box[1]))
+
+
+def test_a_missing_registered_model_is_one_line_and_exit_2(tmp_path, images_with_bad_files):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/empty.db"}  # honoured without a flag
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "score", "--model", "models:/nope/3", "--input",
+                          str(images_with_bad_files), "--output", str(tmp_path / "o")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
+    assert len(errors) == 1 and "models:/nope/3" in errors[0] and "empty.db" in errors[0]
+    assert "Traceback" not in res.stderr
