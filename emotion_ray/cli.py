@@ -52,6 +52,8 @@ SCORE_FLAGS: list[Flag] = [
     ("--batch-size", "batch_size", {"type": int}),
     ("--num-predictors", "num_predictors", {"type": int}),
     ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
+    ("--no-retry-errors", "retry_errors", {"action": "store_const", "const": False,
+                                           "help": "keep earlier unreadable rows on a re-run"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
     ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "all: a row per face; default: as "
                                "the model was trained"}),

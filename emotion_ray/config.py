@@ -267,6 +267,8 @@ class ScoreConfig(InferenceConfig):
         "GPU nodes included) before the job fails with a clear error instead of waiting forever for GPUs.",
     )
     rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
+    retry_errors: bool = Field(True, description="A re-run scores again the files that failed for a reason that "
+                               "may pass (unreadable: missing, permissions, credentials, network).")
     max_inflight_bytes: int = Field(
         1024**3,
         ge=64 * 1024**2,

@@ -52,15 +52,22 @@ def read_and_decode(
     read: Callable[[], bytes], size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[bytes | None, Decoded]:
-    """`read()` the file's bytes, then `decode_image` them; a failed read is an `unreadable` result.
+    """`read()` the file's bytes, then `decode_image` them; a failed read is an `unreadable`
+    result (or the exception's own `reason`, e.g. too_large for a file refused unread).
 
     Returns the bytes too (None when unreadable) so callers can hash what they decoded.
     """
     try:
         data = read()
     except Exception as exc:  # noqa: BLE001 - an unreadable file is a result, not a crash
-        return None, Decoded(None, None, None, f"unreadable: {type(exc).__name__}: {exc}")
+        return None, Decoded(None, None, None, read_error(exc))
     return data, decode_image(data, size, max_pixels=max_pixels, max_file_bytes=max_file_bytes)
+
+
+def read_error(exc: Exception) -> str:
+    """The error text of a failed read: "<reason>: <type>: <detail>", reason `unreadable` unless
+    the exception names its own (`reason` attribute)."""
+    return f"{getattr(exc, 'reason', 'unreadable')}: {type(exc).__name__}: {exc}"
 
 
 def has_image_extension(path: str) -> bool:

@@ -32,6 +32,9 @@ from emotion_ray.inference import Predictor, resolve_model
 SUCCESS = "_SUCCESS.json"
 OWNER_MARKER = "_emotion_ray_scores"
 PART_PATTERN = "part-*.parquet"
+# Error reasons a re-run scores again (retry_errors): the file may be there, or readable, next time.
+# Permanent ones (not_an_image, truncated, too_large, ...) are kept.
+TRANSIENT_ERRORS = ("unreadable",)
 WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS]  # what score writes (for markers without a list)
 
 
@@ -101,9 +104,9 @@ def _repair_rows(cfg: ScoreConfig, writer: _PartWriter) -> dict[str, int]:
     picture has all its face rows or none; returns what was dropped. Outputs written by older
     versions from two concurrent runs, or a run stopped between a picture's face rows, need it."""
     parts = _part_files(cfg.output, cfg.storage)
-    table = read_scores(cfg.output, cfg.storage, ["path", "face_index", "faces_in_picture"])  # keys only
+    table = read_scores(cfg.output, cfg.storage, ["path", "face_index", "faces_in_picture", "error"])  # keys only
     if not parts:
-        return {"duplicate_rows": 0, "incomplete_pictures": 0}
+        return {"duplicate_rows": 0, "incomplete_pictures": 0, "errors_retried": 0}
     first: dict[tuple, int] = {}
     for row, key in enumerate(_row_keys(table)):
         first.setdefault(key, row)
@@ -113,9 +116,14 @@ def _repair_rows(cfg: ScoreConfig, writer: _PartWriter) -> dict[str, int]:
         expected = dict(zip(table["path"].to_pylist(), table["faces_in_picture"].to_pylist()))
         have = Counter(path for path, _ in first)
         incomplete = {p for p, n in expected.items() if have[p] < max(n or 0, 1)}
-        paths = table["path"].to_pylist()
-        kept_rows = [r for r in kept_rows if paths[r] not in incomplete]
-    dropped = {"duplicate_rows": table.num_rows - len(first), "incomplete_pictures": len(incomplete)}
+    retried = set()
+    if cfg.retry_errors:  # transient failures (a missing file, credentials, the network) get another go
+        retried = {p for p, e in zip(table["path"].to_pylist(), table["error"].to_pylist())
+                   if e and e.split(":", 1)[0] in TRANSIENT_ERRORS}
+    paths = table["path"].to_pylist()
+    kept_rows = [r for r in kept_rows if paths[r] not in incomplete | retried]
+    dropped = {"duplicate_rows": table.num_rows - len(first), "incomplete_pictures": len(incomplete),
+               "errors_retried": len(retried)}
     if len(kept_rows) == table.num_rows:
         return dropped
     writer.add(read_scores(cfg.output, cfg.storage).take(pa.array(kept_rows, pa.int64())))
@@ -230,6 +238,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "pictures": len(set(written)),
         "duplicate_rows_dropped": repaired["duplicate_rows"],
         "incomplete_pictures_rescored": repaired["incomplete_pictures"],
+        "errors_retried": repaired["errors_retried"],
         "labels": dict(sorted(labels.items())),
         "errors": dict(errors),
         "skipped_inputs": dict(skipped),

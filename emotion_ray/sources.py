@@ -24,7 +24,7 @@ from emotion_ray import storage
 from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig
 from emotion_ray.errors import ConfigError
 from emotion_ray.images import (decode_image, has_image_extension, open_image, pixels_to_arrow, read_and_decode,
-                                to_rgb_array)
+                                read_error, to_rgb_array)
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +114,11 @@ def _given_bytes(batch: pa.Table) -> tuple[pa.Table, list[bytes | None]]:
     return batch.drop_columns(["data"]), batch["data"].to_pylist()
 
 
-def _read(path: str, given: bytes | None, storage_cfg: StorageConfig):
-    return (lambda: given) if given is not None else (lambda: storage.read_bytes(path, storage_cfg))
+def _read(path: str, given: bytes | None, storage_cfg: StorageConfig, max_bytes: int):
+    """A reader of one file's bytes that refuses, unread, a file declaring more than max_bytes."""
+    if given is not None:
+        return lambda: given
+    return lambda: storage.read_bytes(path, storage_cfg, max_bytes=max_bytes)
 
 
 def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
@@ -139,7 +142,7 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     batch, given = _given_bytes(batch)
     pixels, widths, heights, errors, digests = [], [], [], [], []
     for path, data in zip(batch["path"].to_pylist(), given):
-        data, decoded = read_and_decode(_read(path, data, storage_cfg), image_size,
+        data, decoded = read_and_decode(_read(path, data, storage_cfg, limits.max_file_bytes), image_size,
                                         max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
         pixels.append(decoded.pixels)
         widths.append(decoded.width)
@@ -174,10 +177,10 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     source_rows, pixels, face_columns, decoded_columns = [], [], [], []
     for i, (path, data) in enumerate(zip(batch["path"].to_pylist(), given)):
         try:
-            data = _read(path, data, storage_cfg)()
+            data = _read(path, data, storage_cfg, limits.max_file_bytes)()
         except Exception as exc:  # noqa: BLE001 - an unreadable file is a row, not a crash
             data, opened = None, None
-            error = f"unreadable: {type(exc).__name__}: {exc}"
+            error = read_error(exc)
         else:
             opened = open_image(data, max(faces_lib.DEFAULT_MAX_SIDE, 4 * image_size),
                                 max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)

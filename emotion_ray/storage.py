@@ -62,14 +62,27 @@ def archive_protocol(uri: str) -> str | None:
 
 
 def member_uri(archive: str, member: str) -> str:
-    return f"{archive_protocol(archive)}://{member}::{archive}"
+    """`zip://<member>::<archive>` (or tar://), fsspec's chained-URL form.
+
+    Member names are data, never a filesystem: `%` and `:` in them are written `%25` and
+    `%3A` (so `a::s3://b/k.jpg` cannot chain to S3), and a leading `/` or `./` is dropped (as
+    GNU tar extracts such members). Names without those characters read as they are.
+    """
+    name = member.lstrip("/")
+    while name.startswith("./"):
+        name = name[2:]
+    return f"{archive_protocol(archive)}://{name.replace('%', '%25').replace(':', '%3A')}::{archive}"
 
 
 def split_member_uri(uri: str) -> tuple[str, str] | None:
-    """(archive, member) for a member URI, else None."""
+    """(archive, member name as member_uri escaped it) for a member URI, else None."""
     head, sep, archive = uri.partition("::")
     proto, _, member = head.partition("://")
     return (archive, member) if sep and proto in ("zip", "tar") else None
+
+
+def _member_name(escaped: str) -> str:
+    return escaped.replace("%3A", ":").replace("%25", "%")
 
 
 def _archive_on(archive: str, handle) -> fsspec.AbstractFileSystem:
@@ -109,12 +122,53 @@ def exists(uri: str, storage: StorageConfig | None = None) -> bool:
     return filesystem(uri, storage).exists(strip_scheme(uri))
 
 
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
+class FileTooLarge(Exception):
+    """A file (or archive member) declares more bytes than a reader accepts; nothing was read."""
+
+    reason = "too_large"  # the reject reason decoding reports (images.read_and_decode)
+
+    def __init__(self, size: int, limit: int):
+        super().__init__(f"{size} bytes > limit {limit}")
+        self.size, self.limit = size, limit
+
+
+def _member_info(archive_fs: fsspec.AbstractFileSystem, escaped: str) -> tuple[str, dict]:
+    """The member's real name in the archive and its info (declared size), matching how
+    member_uri normalised it (a `/` or `./` prefix dropped)."""
+    name = _member_name(escaped)
+    for candidate in (name, "/" + name, "./" + name):
+        try:
+            return candidate, archive_fs.info(candidate)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(f"no member {name!r} in the archive")
+
+
+def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of a local file, an `s3://` object or an archive member.
+
+    With `max_bytes`, the declared size (file system, S3 object, zip or tar header) is checked
+    before anything is read, and FileTooLarge raised above it: a bomb is refused unread. A
+    file that grows past its declared size is still cut at max_bytes + 1 (and then refused).
+    """
     member = split_member_uri(uri)
     if member:
-        archive, name = member
-        return _open_archive(archive, (storage or StorageConfig()).s3_endpoint_url).cat_file(name)
-    return filesystem(uri, storage).cat_file(strip_scheme(uri))
+        archive, escaped = member
+        archive_fs = _open_archive(archive, (storage or StorageConfig()).s3_endpoint_url)
+        name, info = _member_info(archive_fs, escaped)
+        fs, path, size = archive_fs, name, info.get("size")
+    else:
+        fs, path = filesystem(uri, storage), strip_scheme(uri)
+        size = fs.size(path) if max_bytes is not None else None
+    if max_bytes is None:
+        return fs.cat_file(path)
+    if size is not None and size > max_bytes:
+        raise FileTooLarge(size, max_bytes)
+    with fs.open(path, "rb") as handle:
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise FileTooLarge(len(data), max_bytes)
+    return data
 
 
 def read_json(uri: str, storage: StorageConfig | None = None) -> Any:

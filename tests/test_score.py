@@ -448,3 +448,39 @@ def test_a_missing_registered_model_is_one_line_and_exit_2(tmp_path, images_with
     errors = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
     assert len(errors) == 1 and "models:/nope/3" in errors[0] and "empty.db" in errors[0]
     assert "Traceback" not in res.stderr
+
+
+def test_rerun_retries_transient_errors_and_keeps_permanent_ones(ray_session, model_dir, images_with_bad_files,
+                                                                 tmp_path):
+    later = tmp_path / "later.jpg"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{later}\n{images_with_bad_files / 'happy' / 'empty.jpg'}\n")
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(listing)], output=str(tmp_path / "scores"))
+    first = score(cfg, show_progress=False)
+    assert first["errors"] == {"unreadable": 1, "empty": 1}
+    shutil.copy(images_with_bad_files / "happy" / "happy_00000.jpg", later)  # the missing file arrives
+    kept = score(cfg.model_copy(update={"retry_errors": False}), show_progress=False)
+    assert kept["errors_retried"] == 0 and kept["errors"] == {"unreadable": 1, "empty": 1}
+    again = score(cfg, show_progress=False)
+    assert again["errors_retried"] == 1 and again["errors"] == {"empty": 1} and again["rows"] == 2
+
+
+def test_a_model_that_does_not_output_probabilities_or_does_not_match_its_labels_is_refused(
+        model_dir, images_with_bad_files, tmp_path):
+    from emotion_ray.errors import StageError
+    from emotion_ray.model import keras, save_model
+
+    image = str(sorted((images_with_bad_files / "sad").glob("sad_*"))[0])
+    logits = tmp_path / "logits"
+    logits.mkdir()
+    model = keras.Sequential([keras.Input((SIZE, SIZE, 3), dtype="uint8"), keras.layers.Rescaling(1 / 255),
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    save_model(model, str(logits / "model.keras"))
+    shutil.copy(model_dir / "labels.json", logits / "labels.json")
+    with pytest.raises(StageError, match="does not output probabilities"):
+        predict(PredictConfig(model=str(logits), inputs=[image]))
+    wrong = tmp_path / "wrong_labels"
+    shutil.copytree(model_dir, wrong)
+    (wrong / "labels.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": SIZE}))
+    with pytest.raises(StageError, match=r"outputs shape \(3,\) but labels.json names 2 classes"):
+        predict(PredictConfig(model=str(wrong), inputs=[image]))

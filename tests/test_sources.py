@@ -13,7 +13,7 @@ from PIL import Image
 from emotion_ray.config import DecodeLimits, StorageConfig
 from emotion_ray.sources import decode_table, list_images, skip_reason
 
-pytestmark = pytest.mark.fast
+
 
 
 def jpeg(colour=(10, 200, 30)) -> bytes:
@@ -27,10 +27,12 @@ def jpeg(colour=(10, 200, 30)) -> bytes:
     ("happy/.a.jpg", "hidden"), (".cache/a.jpg", "hidden"), ("happy/notes.txt", "not_an_image_extension"),
     ("happy/", "not_an_image_extension"),
 ])
+@pytest.mark.fast
 def test_one_skip_rule(relative, reason):
     assert skip_reason(relative) == reason
 
 
+@pytest.mark.fast
 def test_folders_archives_and_path_lists_share_the_rule(tmp_path):
     (tmp_path / "in" / "happy").mkdir(parents=True)
     (tmp_path / "in" / "happy" / "a.jpg").write_bytes(jpeg())
@@ -52,6 +54,7 @@ def test_folders_archives_and_path_lists_share_the_rule(tmp_path):
     assert dict(skipped) == {"hidden": 2, "not_an_image_extension": 1}
 
 
+@pytest.mark.fast
 def test_decode_table_keeps_columns_and_makes_bad_files_rows(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(jpeg())
     batch = pa.table({"path": [str(tmp_path / "ok.jpg"), str(tmp_path / "missing.jpg"), "<given>"],
@@ -62,3 +65,94 @@ def test_decode_table_keeps_columns_and_makes_bad_files_rows(tmp_path):
     assert len(rows[0]["image"]) == 8 * 8 * 3 and rows[0]["error"] is None and rows[0]["width"] == 20
     assert rows[1]["error"].startswith("unreadable") and rows[1]["content_hash"] is None
     assert rows[2]["error"].startswith("not_an_image") and rows[2]["content_hash"] is not None
+
+
+@pytest.mark.fast
+def test_member_names_are_data_never_a_filesystem(tmp_path):
+    """`::`, `%`, `#`, `?` and `s3://` inside member names: scored as what they are, and a stub
+    S3 endpoint on 127.0.0.1 sees no request."""
+    import http.server
+    import threading
+
+    requests = []
+
+    class Stub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            requests.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_PUT = do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Stub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    names = ["faces/a::b.jpg", "faces/x::s3://some-bucket/key.jpg", "faces/50%#?.jpg"]
+    with zipfile.ZipFile(tmp_path / "odd.zip", "w") as zf:
+        for name in names:
+            zf.writestr(name, jpeg())
+    store = StorageConfig(s3_endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
+    try:
+        paths, _ = list_images([str(tmp_path / "odd.zip")], store)
+        rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), store).to_pylist()
+    finally:
+        server.shutdown()
+    assert len(rows) == 3 and all(r["error"] is None for r in rows), rows
+    assert all(r["path"].endswith(f"::{tmp_path / 'odd.zip'}") and r["path"].count("::") == 1 for r in rows)
+    assert requests == []
+
+
+BOMB_SCRIPT = """
+import json, resource, sys
+import pyarrow as pa
+from emotion_ray.config import DecodeLimits, StorageConfig
+from emotion_ray.sources import decode_table, list_images
+paths, _ = list_images(sys.argv[1:], StorageConfig())
+rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
+print(json.dumps({"errors": sorted(r["error"].split(":")[0] for r in rows),
+                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_bombs_are_refused_from_their_declared_size_before_any_byte_is_read(tmp_path):
+    """A 2 GiB sparse file, and a zip and a tar.gz each holding a 512 MiB member: too_large rows,
+    and the process's peak memory stays far below any of them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    member = 512 * 1024**2
+    with open(tmp_path / "sparse.jpg", "wb") as fh:
+        fh.truncate(2 * 1024**3)
+    zeros = bytes(16 * 1024**2)
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("big.jpg", "w", force_zip64=True) as out:
+            for _ in range(member // len(zeros)):
+                out.write(zeros)
+    with tarfile.open(tmp_path / "bomb.tar.gz", "w:gz", compresslevel=1) as tf:
+        info = tarfile.TarInfo("big.jpg")
+        info.size = member
+
+        class Zeros(io.RawIOBase):
+            left = member
+
+            def readable(self):
+                return True
+
+            def readinto(self, buf):
+                n = min(len(buf), self.left)
+                buf[:n] = bytes(n)
+                self.left -= n
+                return n
+
+        tf.addfile(info, io.BufferedReader(Zeros()))
+    res = subprocess.run([sys.executable, "-c", BOMB_SCRIPT, str(tmp_path / "sparse.jpg"), str(tmp_path / "bomb.zip"),
+                          str(tmp_path / "bomb.tar.gz")], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["errors"] == ["too_large"] * 3
+    assert out["peak_mib"] < 300, out  # a member read whole would need 512 MiB
