@@ -55,11 +55,10 @@ def photo_counts() -> dict[str, int]:
 
 
 def rgb_of(path: Path) -> np.ndarray:
-    from PIL import ImageOps
+    """A photo as the product decodes it before detection: EXIF-rotated RGB at full size."""
+    from emotion_ray.images import open_image, to_rgb_array
 
-    img = Image.open(path)
-    ImageOps.exif_transpose(img, in_place=True)
-    return np.asarray(img.convert("RGB"))
+    return to_rgb_array(open_image(path.read_bytes(), min_side=UNBOUNDED).image)
 
 
 def pink_noise(rng: np.random.Generator, side: int) -> np.ndarray:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from PIL import Image
 
+from bench.faces import photo_counts, rgb_of
 from emotion_ray.faces import (DETECTORS, Face, FaceDetector, as_rgb, crop_box, crop_face, get_detector,
                                select_faces)
 
@@ -23,18 +23,6 @@ needs_fer = pytest.mark.skipif(not FER_TEST.is_dir(), reason=f"FER2013 test face
 # Measured (bench/RESULTS.md): haar misses the child in obama_and_biden and the cut face in
 # obama_partial_face and adds one box in kit_with_rose; mtcnn finds every face plus two boxes.
 PHOTO_TOLERANCE = {"haar": (3, 1, 0.8), "mtcnn": (3, 1, 0.9)}
-
-
-def photo_counts() -> dict[str, int]:
-    text = (SHARED / "README.md").read_text()
-    listed = {name: int(n) for name, n in re.findall(r"([\w.-]+\.(?:jpg|png)) (\d+)", text)}
-    return {p.name: listed.get(p.name, 1) for p in sorted(PHOTOS.iterdir()) if p.suffix in (".jpg", ".png")}
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    img = Image.open(path)
-    ImageOps.exif_transpose(img, in_place=True)
-    return np.asarray(img.convert("RGB"))
 
 
 def smooth_background(side: int, seed: int = 1) -> np.ndarray:
@@ -69,7 +57,7 @@ def test_face_counts_on_photos_within_tolerance(detector):
     counts = photo_counts()
     found = {}
     for name in counts:
-        rgb = load_rgb(PHOTOS / name)
+        rgb = rgb_of(PHOTOS / name)
         faces = detector.detect(rgb)
         for f in faces:
             assert 0 <= f.x and 0 <= f.y and f.w >= 1 and f.h >= 1, f
@@ -87,7 +75,7 @@ def test_face_counts_on_photos_within_tolerance(detector):
 @needs_photos
 def test_boxes_map_back_to_the_full_image(detector):
     """An image over the bound is detected on a downscaled copy; boxes come back in its pixels."""
-    rgb = load_rgb(PHOTOS / "obama_small.jpg")  # 320x240: under the bound, detected as is
+    rgb = rgb_of(PHOTOS / "obama_small.jpg")  # 320x240: under the bound, detected as is
     big = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] * 4, rgb.shape[0] * 4), Image.BILINEAR))
     small_faces, big_faces = detector.detect(rgb), detector.detect(big)
     assert len(small_faces) == len(big_faces) == 1
