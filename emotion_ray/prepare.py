@@ -120,7 +120,8 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
 def decode_and_split(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
     """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on) and give
     each row its split (or `rejected`), in shard column order."""
-    decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True)
+    decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True,
+                                   hash_files=True)  # splits and duplicates come from the bytes' hash
     return with_split(decoded, cfg.splits)
 
 

@@ -59,7 +59,7 @@ def test_decode_table_keeps_columns_and_makes_bad_files_rows(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(jpeg())
     batch = pa.table({"path": [str(tmp_path / "ok.jpg"), str(tmp_path / "missing.jpg"), "<given>"],
                       "label": ["a", "b", "c"], "data": [None, None, b"not an image"]})
-    out = decode_table(batch, 8, DecodeLimits(), StorageConfig())
+    out = decode_table(batch, 8, DecodeLimits(), StorageConfig(), hash_files=True)
     assert out.column_names == ["path", "label", "image", "width", "height", "error", "content_hash"]
     rows = out.to_pylist()
     assert len(rows[0]["image"]) == 8 * 8 * 3 and rows[0]["error"] is None and rows[0]["width"] == 20
