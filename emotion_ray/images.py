@@ -77,7 +77,7 @@ def has_image_extension(path: str) -> bool:
 
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in img.info:
         return img
     if mode.startswith("I;16") or mode == "I":
         wide = np.asarray(img, dtype=np.float64)
@@ -86,7 +86,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "F":
         grey = np.clip(np.asarray(img, dtype=np.float64), 0, 255).round().astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
-    if mode in ("P", "PA") and "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    # Alpha channels, and colour keys (tRNS): a palette index, an RGB colour or a grey value.
+    if "transparency" in img.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, ALPHA_BACKGROUND + (255,))
         return Image.alpha_composite(background, rgba).convert("RGB")
@@ -152,10 +153,16 @@ def open_image(data: bytes, min_side: int, *, max_pixels: int = DEFAULT_MAX_PIXE
         return Opened(None, None, None, "not_an_image: Pillow cannot identify the format")
     except (OSError, SyntaxError, ValueError) as exc:
         # Pillow reports truncated or damaged data as OSError/SyntaxError/ValueError.
-        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        reason = "truncated" if "truncated" in str(exc).lower() or _shorter_than_declared(data) else "corrupt"
         return Opened(None, None, None, f"{reason}: {exc}")
     except Exception as exc:  # noqa: BLE001 - one bad file must never kill a job
         return Opened(None, None, None, f"corrupt: {type(exc).__name__}: {exc}")
+
+
+def _shorter_than_declared(data: bytes) -> bool:
+    """Whether a RIFF (WebP) file holds fewer bytes than its header declares: Pillow says only
+    "could not create decoder object" for a cut WebP, where JPEG and PNG say truncated."""
+    return data[:4] == b"RIFF" and len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 > len(data)
 
 
 def to_rgb_array(img: Image.Image) -> np.ndarray:
@@ -179,7 +186,7 @@ def decode_image(
         return Decoded(None, opened.width, opened.height, opened.error)
     img = opened.image
     try:
-        if img.mode == "L" and img.size != (size, size):
+        if img.mode == "L" and img.size != (size, size) and "transparency" not in img.info:
             # Grey: resize one channel, then replicate it (the same pixels as converting
             # first, at a third of the cost; greyscale face datasets are common).
             img = img.resize((size, size), Image.Resampling.BILINEAR)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import posixpath
 from collections import Counter
 from typing import Iterator
@@ -54,12 +55,55 @@ def skip_reason(relative_path: str) -> str | None:
 
 
 def walk_folder(root: str, storage_cfg: StorageConfig) -> Iterator[tuple[str, str]]:
-    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted."""
+    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted.
+
+    Local folder links are followed (a linked album is part of the tree), each real folder
+    once: a link back up (`loop -> .`) neither hangs nor lists a file twice.
+    """
+    if not storage.is_s3(root):
+        yield from _walk_local(storage.strip_scheme(root))
+        return
     fs = storage.filesystem(root, storage_cfg)
     base = storage.strip_scheme(root)
-    scheme = "s3://" if storage.is_s3(root) else ""
     for path in sorted(fs.find(base, withdirs=False)):
-        yield posixpath.relpath(path, base), scheme + path
+        yield posixpath.relpath(path, base), "s3://" + path
+
+
+def _walk_local(base: str) -> Iterator[tuple[str, str]]:
+    seen: set[str] = set()
+    found: list[tuple[str, str]] = []
+    for folder, dirs, files in os.walk(base, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []  # a folder reached again through a link
+            continue
+        seen.add(real)
+        for name in files:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):  # a dangling link is no file
+                found.append((os.path.relpath(path, base).replace(os.sep, "/"), path))
+    yield from sorted(found)
+
+
+def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
+    """The paths a `.txt` list names: one per line, UTF-8 (a BOM is dropped), `#` comments and
+    blank lines skipped, CRLF fine; a relative path is relative to the list's own folder. Lines
+    that are not valid UTF-8 are skipped and counted (`undecodable_list_line`)."""
+    fs = storage.filesystem(list_uri, storage_cfg)
+    skipped: Counter = Counter()
+    folder = posixpath.dirname(list_uri) if storage.is_s3(list_uri) else os.path.dirname(os.path.abspath(list_uri))
+    paths = []
+    for raw in fs.cat_file(storage.strip_scheme(list_uri)).removeprefix(b"\xef\xbb\xbf").splitlines():
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            skipped["undecodable_list_line"] += 1
+            continue
+        if not line or line.startswith("#"):
+            continue
+        absolute = storage.is_s3(line) or line.startswith(("zip://", "tar://")) or os.path.isabs(line)
+        paths.append(line if absolute else storage.join(folder, line))
+    return paths, skipped
 
 
 def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
@@ -84,10 +128,9 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
         fs = storage.filesystem(item, storage_cfg)
         base = storage.strip_scheme(item)
         if item.endswith(".txt") and fs.isfile(base):
-            for line in fs.cat_file(base).decode().splitlines():
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    paths.add(line)
+            listed, undecodable = read_path_list(item, storage_cfg)
+            paths.update(listed)
+            skipped.update(undecodable)
         elif storage.archive_protocol(item) and fs.isfile(base):
             try:
                 members = storage.archive_members(item, storage_cfg)

@@ -141,3 +141,19 @@ def test_grey_images_resize_before_rgb_with_identical_pixels():
     grey = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90), dtype=np.uint8), "L")
     reference = np.asarray(grey.convert("RGB").resize((32, 32), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(decode_image(encode(grey, "PNG"), 32).pixels, reference)
+
+
+@pytest.mark.parametrize("mode, key, colour", [("RGB", (255, 0, 255), (255, 0, 255)), ("L", 30, 30)])
+def test_png_colour_key_transparency_is_composited_like_alpha(mode, key, colour):
+    img = Image.new(mode, (8, 8), colour)
+    decoded = decode_image(encode(img, "PNG", transparency=key), 8)
+    assert decoded.error is None and (decoded.pixels == 255).all()  # the keyed colour is the background
+
+
+def test_a_cut_webp_is_truncated_like_jpeg_and_png():
+    data = encode(Image.new("RGB", (64, 64), (10, 120, 200)), "WEBP")
+    reasons = {decode_image(data[: len(data) // 2], 8).error.split(":")[0]}
+    for fmt in ("JPEG", "PNG"):
+        whole = encode(Image.effect_noise((64, 64), 60).convert("RGB"), fmt)
+        reasons.add(decode_image(whole[: len(whole) // 2], 8).error.split(":")[0])
+    assert reasons == {"truncated"}

@@ -156,3 +156,37 @@ def test_bombs_are_refused_from_their_declared_size_before_any_byte_is_read(tmp_
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["errors"] == ["too_large"] * 3
     assert out["peak_mib"] < 300, out  # a member read whole would need 512 MiB
+
+
+@pytest.mark.fast
+def test_linked_folders_are_followed_once_and_loops_do_not_hang(tmp_path):
+    import os
+
+    elsewhere = tmp_path / "elsewhere" / "album"
+    elsewhere.mkdir(parents=True)
+    for i in range(2):
+        (elsewhere / f"photo{i}.jpg").write_bytes(jpeg())
+    root = tmp_path / "in"
+    (root / "happy").mkdir(parents=True)
+    (root / "happy" / "own.jpg").write_bytes(jpeg())
+    os.symlink(elsewhere, root / "happy" / "album")
+    os.symlink(".", root / "happy" / "loop")
+    os.symlink(tmp_path / "gone", root / "happy" / "dangling.jpg")
+    paths, skipped = list_images([str(root)], StorageConfig())
+    assert sorted(p.split("/in/")[1] for p in paths) == ["happy/album/photo0.jpg", "happy/album/photo1.jpg",
+                                                           "happy/own.jpg"]
+    assert dict(skipped) == {}
+
+
+@pytest.mark.fast
+def test_path_lists_with_bom_crlf_relative_lines_and_bad_bytes(tmp_path):
+    (tmp_path / "lists" / "imgs").mkdir(parents=True)
+    (tmp_path / "lists" / "imgs" / "a.jpg").write_bytes(jpeg())
+    (tmp_path / "b.jpg").write_bytes(jpeg())
+    body = ("\ufeff" + "imgs/a.jpg\r\n# comment\r\n\r\n").encode() + b"bad\xf1name.jpg\n" + f"{tmp_path / 'b.jpg'}\n".encode()
+    (tmp_path / "lists" / "todo.txt").write_bytes(body)
+    paths, skipped = list_images([str(tmp_path / "lists" / "todo.txt")], StorageConfig())
+    assert paths == sorted([str(tmp_path / "b.jpg"), str(tmp_path / "lists" / "imgs" / "a.jpg")])
+    assert dict(skipped) == {"undecodable_list_line": 1}
+    rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
+    assert [r["error"] for r in rows] == [None, None]
