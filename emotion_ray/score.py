@@ -170,7 +170,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     todo = [p for p in paths if p not in done]
 
     started = time.perf_counter()
-    first_batch_s, first_batch_rows = None, 0  # when the first scored batch arrived, and its size
+    first_batch_s, first_batch_pictures = None, 0  # when the first scored batch arrived, and its pictures
     if todo:
         runtime.init_ray()
         ds = sources.listing_dataset(pa.table({"path": todo}), bundle.image_size)
@@ -205,7 +205,9 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
             with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     if first_batch_s is None:
-                        first_batch_s, first_batch_rows = time.perf_counter() - started, batch.num_rows
+                        # With faces a picture has several rows: rates are pictures per second.
+                        first_batch_s = time.perf_counter() - started
+                        first_batch_pictures = len(set(batch["path"].to_pylist()))
                     writer.add(batch)
                     bar.update(batch.num_rows)
         except ray.exceptions.GetTimeoutError:
@@ -221,7 +223,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     elapsed = time.perf_counter() - started
     # Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the
     # steady rate after the first batch is what sizes a job of millions of files.
-    steady_rows, steady_s = len(todo) - first_batch_rows, elapsed - (first_batch_s or elapsed)
+    steady_rows, steady_s = len(todo) - first_batch_pictures, elapsed - (first_batch_s or elapsed)
 
     table = read_scores(cfg.output, cfg.storage, ["path", "label", "error", "face_index"])
     written = table["path"].to_pylist()
@@ -245,7 +247,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
         "first_batch_seconds": round(first_batch_s, 2) if first_batch_s is not None else None,
-        "steady_images_per_second": round(steady_rows / steady_s, 1) if steady_rows and steady_s > 0 else None,
+        "steady_images_per_second": round(steady_rows / steady_s, 1) if steady_rows > 0 and steady_s > 0 else None,
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     lock.check()
