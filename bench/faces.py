@@ -18,6 +18,23 @@ intra-/inter-op threads 1), the same inputs for both:
   framing), for the margin default.
 - Load cost: a fresh process importing faces.py, getting the detector and running one
   detection: seconds and peak RSS.
+
+`--score` measures instead `score` with faces, all in one run on the same pictures (the face
+photos, plus `--score-scenes` scenes per GRID cell and empty scenes per scene size, written once
+to BENCH_DIR/faces_score_pictures_<n>: photos as they are, scenes as JPEG):
+- end to end: `emotion_ray.score.score` of a 48 px model (the seed CNN, untrained: speed does not
+  depend on the weights) with faces none, all + haar, all + mtcnn (Ray over every core; Ray is
+  started before the runs, each run starts its own predictor): the summary's images_per_second
+  and steady_images_per_second, and the bench's own steady rate (pictures after the first
+  batch reached the driver / time from it to the last batch, from 3 batches on; the summary's
+  counts the first batch's face rows as pictures);
+- in process, one thread: `sources.decode_table` on the same files (none / haar / mtcnn): CPU
+  ms per picture, i.e. what a decode task spends; the decode that detection starts from without
+  detecting (640 px); and the forward pass per face at 48 px. Ratios: detection x decode, and
+  fer's CPU per picture over ours (decode task + forward pass per face);
+- the peer: `fer`'s `FER().detect_emotions(cv2.imread(path))` per picture (its default Haar
+  cascade), in the bench's peer venv (bench/faces_peer.py prints JSON): pictures/s after a
+  warm-up call, CPU ms per picture, faces found.
 """
 
 from __future__ import annotations
@@ -32,9 +49,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
-from bench.common import record
+from bench.common import WORK, record
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTOS = SHARED / "face_photos"
@@ -155,14 +173,254 @@ def load_cost(name: str) -> dict:
             "over_bare_python_mib": round(out[name][1] - out["python"][1])}
 
 
+SCORE_SIZE = 48
+SCORE_CLASSES = ["angry", "happy", "sad"]
+PEER_VENVS = (WORK / "peer-venv", WORK / "peer-venv-faces")  # bench/quality.py's, else our own
+# What `from fer import FER` needs (fer's own requirements pull torch, facenet-pytorch and moviepy
+# for its MTCNN and video paths, which FER() with its default Haar detector does not use).
+PEER_PACKAGES = ["tensorflow", "opencv-python-headless<5", "pandas", "pillow", "requests", "setuptools<81"]
+
+
+def score_pictures(n: int) -> Path:
+    """The face photos (bytes as they are) and `n` scenes per GRID cell plus `n` empty scenes per
+    scene size (JPEG, quality 90), written once."""
+    folder = WORK / f"faces_score_pictures_{n}"
+    done = folder.with_name(folder.name + ".done")  # beside, not inside: score would count it as skipped
+    if done.exists():
+        return folder
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name in photo_counts():
+        shutil.copyfile(PHOTOS / name, folder / f"photo_{name}")
+    with_face, empty = scenes(n)
+    for s in with_face:
+        Image.fromarray(s["rgb"]).save(folder / f"scene_{s['face']}px_in_{s['scene']}_{s['k']}.jpg", quality=90)
+    for e in empty:
+        Image.fromarray(e["rgb"]).save(folder / f"empty_{e['scene']}_{e['k']}.jpg", quality=90)
+    done.write_text("ok")
+    return folder
+
+
+def score_model_dir() -> Path:
+    """As bench/score.py's model_dir(), at 48 px: the seed CNN, untrained, and its labels.json."""
+    from emotion_ray.config import ModelConfig
+    from emotion_ray.model import build_model, save_model
+
+    run = WORK / "faces_score_model"
+    if not (run / "model.keras").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        save_model(build_model(ModelConfig(), len(SCORE_CLASSES), SCORE_SIZE), str(run / "model.keras"))
+        (run / "labels.json").write_text(json.dumps({"classes": SCORE_CLASSES, "image_size": SCORE_SIZE}))
+    return run
+
+
+def peer_python() -> Path:
+    """A venv where `from fer import FER` works: bench/quality.py's if there, else one made here."""
+    for venv in PEER_VENVS:
+        python = venv / "bin" / "python"
+        if (venv / ".done").exists() and python.exists():
+            return python
+    venv = PEER_VENVS[-1]
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run(pip + ["--no-deps", "fer"], check=True)
+    subprocess.run(pip + PEER_PACKAGES, check=True)
+    (venv / ".done").write_text("ok")
+    return python
+
+
+def run_fer(files: list[str]) -> dict:
+    python = peer_python()
+    # A clean environment: none of the project's TensorFlow settings (TF_USE_LEGACY_KERAS) or paths.
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    proc = subprocess.run([str(python), str(Path(__file__).with_name("faces_peer.py"))], input=json.dumps(files),
+                          capture_output=True, text=True, env=env, cwd="/", check=False)
+    if proc.returncode:
+        raise RuntimeError(f"fer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"venv": str(python.parents[1]), **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def decode_cost(files: list[str], faces, passes: int) -> tuple[dict, pa.Table]:
+    """`sources.decode_table` over `files` in this process (one thread), as a decode task runs it:
+    CPU ms per picture (median of `passes`, after a warm-up on two files), rows and faces."""
+    from emotion_ray.config import DecodeLimits, StorageConfig
+    from emotion_ray.sources import decode_table
+
+    def run(paths):
+        return decode_table(pa.table({"path": paths}), SCORE_SIZE, DecodeLimits(), StorageConfig(), faces=faces,
+                            one_thread=True)
+
+    run(files[:2])
+    cpu, wall = [], []
+    for _ in range(passes):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        out = run(files)
+        cpu.append(time.process_time() - cpu_start)
+        wall.append(time.perf_counter() - start)
+    faces_found = out.num_rows - (0 if faces is None else sum(1 for e in out["error"].to_pylist() if e))
+    return {"cpu_ms_per_picture": round(1e3 * float(np.median(cpu)) / len(files), 1),
+            "cpu_ms_runs": [round(1e3 * c / len(files), 1) for c in cpu],
+            "cpu_per_wall": round(sum(cpu) / sum(wall), 2), "rows": out.num_rows,
+            "faces_found": faces_found if faces is not None else None}, out
+
+
+def start_ray(tries: int = 3) -> int:
+    """`runtime.init_ray`, tried again when Ray's node misses its start-up wait; returns the tries used."""
+    import ray
+
+    from emotion_ray.runtime import init_ray
+
+    for attempt in range(1, tries + 1):
+        try:
+            init_ray()
+            return attempt
+        except Exception as exc:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(exc) or attempt == tries:
+                raise
+            print(f"ray.init try {attempt}: {exc}", flush=True)
+            ray.shutdown()
+    raise AssertionError("unreachable")
+
+
+def decode_640_cost(files: list[str]) -> dict:
+    """CPU ms per picture of the decode that face detection starts from, without detecting:
+    `open_image` at decode_faces' bound (640 px on the shorter side here, JPEG draft mode) +
+    `to_rgb_array`, one thread. Splits decode_table's cost with faces into decoding and detecting."""
+    from emotion_ray.faces import DEFAULT_MAX_SIDE
+    from emotion_ray.images import open_image, to_rgb_array
+
+    blobs = [Path(f).read_bytes() for f in files]
+    cpu_start = time.process_time()
+    for data in blobs:
+        to_rgb_array(open_image(data, max(DEFAULT_MAX_SIDE, 4 * SCORE_SIZE)).image)
+    return {"cpu_ms_per_picture": round(1e3 * (time.process_time() - cpu_start) / len(files), 1)}
+
+
+def score_bench(args) -> None:
+    """`score` with faces none / haar / mtcnn vs decode-only cost vs fer, on the same pictures."""
+    import shutil
+
+    from emotion_ray.config import FaceConfig, ScoreConfig
+    from emotion_ray.inference import forward_pass
+    from emotion_ray.model import load_model
+    from emotion_ray.score import score
+
+    # Ray first, so a start-up failure costs no measurement: on this shared machine (load average
+    # 10-35 on 2 cores) Ray's raylet has missed ray.init's fixed 30 s registration wait.
+    ray_start_tries = start_ray()
+    folder = score_pictures(args.score_scenes)
+    files = sorted(str(p) for p in folder.iterdir())
+    model = score_model_dir()
+    modes = {"none": FaceConfig(mode="none"), "haar": FaceConfig(mode="all", detector="haar"),
+             "mtcnn": FaceConfig(mode="all", detector="mtcnn")}
+    result: dict = {"pictures": len(files), "photos": len(photo_counts()), "scenes_per_cell": args.score_scenes,
+                    "image_size": SCORE_SIZE, "cores": len(os.sched_getaffinity(0)), "decode_one_thread": {},
+                    "score": {}, "load_average_start": os.getloadavg(),
+                    "ray_start_tries": ray_start_tries}
+
+    # 1. In process, one thread: what a decode task spends per picture.
+    decoded = {}
+    for name, faces in modes.items():
+        result["decode_one_thread"][name], decoded[name] = decode_cost(
+            files, faces if faces.enabled else None, args.passes_none if name == "none" else 1)
+        print(name, json.dumps(result["decode_one_thread"][name]), flush=True)
+    result["decode_one_thread"]["decode_640_no_detection"] = decode_640_cost(files)
+    base = result["decode_one_thread"]["none"]["cpu_ms_per_picture"]
+    for name in ("haar", "mtcnn"):
+        result["decode_one_thread"][name]["x_decode_none"] = round(
+            result["decode_one_thread"][name]["cpu_ms_per_picture"] / base, 1)
+    # The forward pass per face at 48 px (one thread too), on haar's crops.
+    crops = np.frombuffer(b"".join(v for v in decoded["haar"]["image"].to_pylist() if v), np.uint8)
+    crops = crops.reshape(-1, SCORE_SIZE, SCORE_SIZE, 3)
+    forward = forward_pass(load_model(str(model / "model.keras")))
+    forward(crops[:64])
+    cpu_start = time.process_time()
+    for _ in range(5):
+        for i in range(0, len(crops), 64):
+            forward(crops[i : i + 64]).numpy()
+    result["forward_cpu_ms_per_face"] = round(1e3 * (time.process_time() - cpu_start) / (5 * len(crops)), 2)
+
+    # 2. The peer, one process.
+    result["fer"] = run_fer(files)
+    print("fer", json.dumps({k: v for k, v in result["fer"].items() if k != "per_picture"}), flush=True)
+
+    # 3. End to end: score, Ray over every core (already started: each run pays its own
+    # predictor's start and, on first use, the detector's load in each decode worker).
+    # The summary's steady rate counts the first batch's rows as pictures (with faces a batch has
+    # more rows than pictures), so the bench also times each batch's arrival at the driver's writer
+    # itself: steady = pictures after the first batch / time from the first batch to the last.
+    import emotion_ray.score as score_module
+
+    arrivals: list[tuple[float, set]] = []
+    writer_add = score_module._PartWriter.add
+
+    def timed_add(self, table):
+        arrivals.append((time.perf_counter(), set(table["path"].to_pylist())))
+        return writer_add(self, table)
+
+    score_module._PartWriter.add = timed_add
+    for name, faces in modes.items():
+        out = WORK / f"faces_score_out_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        arrivals.clear()
+        start = time.perf_counter()
+        summary = score(ScoreConfig(model=str(model), inputs=[str(folder)], output=str(out), faces=faces),
+                        show_progress=False)
+        wall = time.perf_counter() - start
+        no_face = summary["errors"].get("no_face", 0)
+        first_t, first_paths = arrivals[0]
+        later = set().union(*(p for _, p in arrivals[1:])) - first_paths
+        result["score"][name] = {
+            "images_per_second": summary["images_per_second"],
+            "steady_images_per_second": summary["steady_images_per_second"],
+            # Meaningless from fewer than 3 batches (two that arrive together give any rate).
+            "bench_steady_images_per_second": round(len(later) / (arrivals[-1][0] - first_t), 2)
+            if later and len(arrivals) >= 3 else None,
+            "first_batch_seconds": summary["first_batch_seconds"], "seconds": summary["seconds"],
+            "first_batch_pictures": len(first_paths), "batches": len(arrivals),
+            "call_seconds": round(wall, 2), "rows": summary["rows"], "pictures": summary["pictures"],
+            "faces_found": summary["rows"] - no_face if faces.enabled else None, "errors": summary["errors"],
+        }
+        print(name, json.dumps(result["score"][name]), flush=True)
+    import ray
+
+    ray.shutdown()
+    result["load_average_end"] = os.getloadavg()
+
+    fer = result["fer"]
+    result["ratios"] = {
+        **{f"score_{m}_vs_fer": round(result["score"][m]["images_per_second"] / fer["pictures_per_s"], 2)
+           for m in modes},
+        **{f"score_{m}_steady_vs_fer": round(result["score"][m]["bench_steady_images_per_second"] / fer["pictures_per_s"], 2)
+           for m in modes if result["score"][m]["bench_steady_images_per_second"]},
+        # Per core: fer's CPU per picture over ours (a decode task's, plus the forward pass per face).
+        **{f"cpu_{m}_vs_fer": round(fer["cpu_ms_per_picture"] / (
+            result["decode_one_thread"][m]["cpu_ms_per_picture"]
+            + result["forward_cpu_ms_per_face"] * result["decode_one_thread"][m]["rows"] / len(files)), 1)
+           for m in modes},
+        "target_vs_fer": 10, "target_detection_x_decode": 2,
+    }
+    record("faces_score", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=25, help="scenes per (face, scene) cell")
     parser.add_argument("--n-full", type=int, default=8, help="of which detected without the 640 px bound (1280 px only)")
+    parser.add_argument("--score", action="store_true", help="score throughput with faces vs without vs fer instead")
+    parser.add_argument("--score-scenes", type=int, default=6, help="--score: scenes per (face, scene) cell")
+    parser.add_argument("--passes-none", type=int, default=3, help="--score: decode passes without faces (median)")
     args = parser.parse_args()
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     single_thread()
+    if args.score:
+        score_bench(args)
+        return
     from emotion_ray.faces import Face, crop_box, get_detector
 
     counts = photo_counts()
