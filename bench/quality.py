@@ -141,7 +141,7 @@ def run_peer(dataset: str) -> dict:
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     start = time.perf_counter()
     proc = subprocess.run([str(python), str(Path(__file__).with_name("quality_peer.py"))], input=json.dumps(paths),
-                          capture_output=True, text=True, env=env, cwd="/")
+                          capture_output=True, text=True, env=env, cwd="/", check=False)
     if proc.returncode:
         raise RuntimeError(f"peer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
