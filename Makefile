@@ -40,6 +40,7 @@ bench: install
 	$(BIN)/python -m bench.train
 	$(BIN)/python -m bench.score
 	$(BIN)/python -m bench.faces
+	$(BIN)/python -m bench.quality
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
