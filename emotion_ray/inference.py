@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -59,12 +60,7 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
         from emotion_ray.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            model_path, labels_path = download_model(model, tracking_uri, tmp)
-            with open(model_path, "rb") as fh:
-                data = fh.read()
-            with open(labels_path) as fh:
-                labels = json.load(fh)
-        return ModelBundle(data, labels["classes"], labels["image_size"], model, labels.get("faces"))
+            return dataclasses.replace(bundle_from_files(*download_model(model, tracking_uri, tmp)), model_id=model)
     model_uri = model if model.endswith(".keras") else storage.join(model, MODEL_FILE)
     labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
                               else os.path.dirname(os.path.abspath(model_uri)), LABELS_FILE)
@@ -73,9 +69,7 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
             raise ConfigError(f"model {model}: {uri} not found (expected a run directory or a .keras file "
                               "with labels.json beside it)")
     data = storage.read_bytes(model_uri, storage_cfg)
-    labels = storage.read_json(labels_uri, storage_cfg)
-    return ModelBundle(data, labels["classes"], labels["image_size"],
-                       f"{model_uri}#sha256={hashlib.sha256(data).hexdigest()[:12]}", labels.get("faces"))
+    return _bundle(data, storage.read_json(labels_uri, storage_cfg), f"{model_uri}#{_content_id(data)}")
 
 
 def bundle_from_files(model_path: str, labels_path: str) -> ModelBundle:
@@ -83,9 +77,16 @@ def bundle_from_files(model_path: str, labels_path: str) -> ModelBundle:
     with open(model_path, "rb") as fh:
         data = fh.read()
     with open(labels_path) as fh:
-        labels = json.load(fh)
-    return ModelBundle(data, labels["classes"], labels["image_size"],
-                       f"sha256={hashlib.sha256(data).hexdigest()[:12]}", labels.get("faces"))
+        return _bundle(data, json.load(fh), _content_id(data))
+
+
+def _content_id(data: bytes) -> str:
+    return f"sha256={hashlib.sha256(data).hexdigest()[:12]}"
+
+
+def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
+    """A bundle from a model file's bytes and its labels.json's contents."""
+    return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"))
 
 
 def share_gpus() -> None:
