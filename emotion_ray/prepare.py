@@ -243,14 +243,15 @@ def _pictures_by_faces(kept: pa.Table, rejects: pa.Table) -> dict[str, int]:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest. The input trees are only ever read."""
-    from emotion_ray.runtime import init_ray
+    from emotion_ray import runtime
 
     listing = list_labelled_files(cfg)
     cfg = cfg.model_copy(update={"classes": listing.classes})  # as found (or given), in label_index order
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)
-        init_ray()
+        runtime.init_ray()
+        sources.check_decode_fits(DECODE_BATCH, cfg.image_size, cfg.faces, runtime.node_capacities())
         manifest = _write_dataset(cfg, listing)
         lock.check()  # still ours: another run did not take the output over while this one stalled
         storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)

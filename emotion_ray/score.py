@@ -157,6 +157,15 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         return _score_locked(cfg, paths, skipped, bundle, lock, show_progress)
 
 
+def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
+    """StageError, before any work starts, for a decode task or predictor no node can hold."""
+    nodes = runtime.node_capacities()
+    sources.check_decode_fits(cfg.batch_size, image_size, faces, nodes)
+    if nodes is not None and not runtime.fits_a_node({"CPU": cfg.cpus_per_predictor}, nodes):
+        raise StageError(f"cpus_per_predictor {cfg.cpus_per_predictor:g}: no node has that many CPUs "
+                         f"(the largest has {max(n.get('CPU', 0) for n in nodes):g})")
+
+
 def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, lock: outputs.OutputLock,
                   show_progress: bool) -> dict[str, Any]:
     import ray
@@ -173,6 +182,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     first_batch_s, first_batch_pictures = None, 0  # when the first scored batch arrived, and its pictures
     if todo:
         runtime.init_ray()
+        _check_fits(cfg, bundle.image_size, faces)
         ds = sources.listing_dataset(pa.table({"path": todo}), bundle.image_size)
         # Decoding outruns prediction on CPUs: without a cap the backlog of decoded images grows
         # with the input until it fills Ray Data's default budget (a large share of RAM).

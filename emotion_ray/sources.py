@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig
-from emotion_ray.errors import ConfigError
+from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import (decode_image, has_image_extension, open_image, pixels_to_arrow, read_and_decode,
                                 read_error, to_rgb_array)
 
@@ -273,6 +273,26 @@ def decode_task_memory(batch_size: int, image_size: int, faces: FaceConfig | Non
     bench/RESULTS.md, score)."""
     detector = DETECTOR_MEMORY[faces.detector] if faces is not None and faces.enabled else 0
     return DECODE_WORKER_MEMORY + detector + 3 * batch_size * image_size**2 * 3
+
+
+def check_decode_fits(batch_size: int, image_size: int, faces: FaceConfig | None,
+                      nodes: list[dict[str, float]] | None) -> None:
+    """Raise StageError when no node in `nodes` (runtime.node_capacities; None: unknown, no
+    check) has the memory a decode task of `batch_size` pictures declares to Ray, naming the
+    largest batch that fits. Without the check Ray waits forever for such a node."""
+    from emotion_ray import runtime
+
+    need = decode_task_memory(batch_size, image_size, faces)
+    if nodes is None or runtime.fits_a_node({"CPU": 1, "memory": need}, nodes):
+        return
+    largest = max((n.get("memory", 0) for n in nodes if n.get("CPU", 0) >= 1), default=0)
+    per_picture = 3 * image_size**2 * 3
+    fits = max(0, int((largest - decode_task_memory(0, image_size, faces)) // per_picture))
+    raise StageError(
+        f"a decode task of {batch_size} pictures at {image_size} px needs {need / 2**30:.1f} GiB and no node has it "
+        f"(the largest has {largest / 2**30:.1f} GiB): lower batch_size"
+        + (f" to at most {fits}" if fits else " or image_size") + ", or add a bigger node"
+    )
 
 
 def listing_dataset(files: pa.Table, image_size: int):

@@ -17,6 +17,7 @@ import pytest
 
 from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
+from emotion_ray.errors import StageError
 from emotion_ray.inference import predict
 from emotion_ray.score import SUCCESS, read_scores, score
 from tests.conftest import run_on_declared_gpus
@@ -209,6 +210,18 @@ def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, mode
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     assert "the GPU predictors (1 GPU each) did not start within 3 s; the cluster has 0 GPUs" in res.stderr
+    assert not read_scores(str(tmp_path / "scores")).num_rows
+
+
+def test_requests_no_node_can_hold_fail_at_once_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
+                                                                   tmp_path):
+    # Ray would wait forever for a node with this much memory (or this many CPUs).
+    base = {"model": str(model_dir), "inputs": [str(images_with_bad_files)], "output": str(tmp_path / "scores")}
+    with pytest.raises(StageError, match=r"decode task of 10000000 pictures at 32 px needs .* lower batch_size to at "
+                                         r"most \d+"):
+        score(ScoreConfig(**base, batch_size=10_000_000), show_progress=False)
+    with pytest.raises(StageError, match="cpus_per_predictor 4096: no node has that many CPUs"):
+        score(ScoreConfig(**base, cpus_per_predictor=4096), show_progress=False)
     assert not read_scores(str(tmp_path / "scores")).num_rows
 
 

@@ -191,3 +191,17 @@ def test_path_lists_with_bom_crlf_relative_lines_and_bad_bytes(tmp_path):
     assert dict(skipped) == {"undecodable_list_line": 1}
     rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
     assert [r["error"] for r in rows] == [None, None]
+
+
+@pytest.mark.fast
+def test_a_decode_batch_no_node_can_hold_names_the_largest_that_fits():
+    from emotion_ray.errors import StageError
+    from emotion_ray.sources import check_decode_fits, decode_task_memory
+
+    nodes = [{"CPU": 0, "memory": 1e12}, {"CPU": 4, "memory": 8 * 2**30}]  # a head that takes no work
+    check_decode_fits(100, 256, None, nodes)
+    check_decode_fits(10**7, 256, None, None)  # node sizes unknown (autoscaling from zero): Ray decides
+    with pytest.raises(StageError, match=r"needs 110\.1 GiB .* largest has 8\.0 GiB.*at most (\d+)") as err:
+        check_decode_fits(200_000, 256, None, nodes)
+    most = int(err.value.args[0].split("at most ")[1].split(",")[0])
+    assert decode_task_memory(most, 256) <= 8 * 2**30 < decode_task_memory(most + 1, 256)
