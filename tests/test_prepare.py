@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PrepareConfig
 from emotion_ray.dataset import SPLITS, load_split, read_manifest
 from emotion_ray.prepare import prepare, split_of
@@ -73,6 +75,9 @@ def messy_tree(tmp_path) -> Path:
 
 
 def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_tree, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1): a row, its path escaped losslessly.
+    odd_name = os.path.join(os.fsencode(messy_tree / "sad"), b"espa\xf1a.jpg")
+    Image.new("RGB", (40, 40), (90, 20, 160)).save(odd_name, format="JPEG")
     before = tree_digest(messy_tree)
     out = tmp_path / "out"
     manifest = prepare(PrepareConfig(inputs=[str(messy_tree)], output=str(out), image_size=24, max_pixels=4_000_000))
@@ -89,9 +94,12 @@ def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_
     assert reasons == {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not_an_image",
                        "bomb.png": "too_large"}
     assert manifest["ignored"]["by_reason"] == {"hidden": 2, "not_in_class_folder": 1, "not_an_image_extension": 1}
-    # Every odd mode made it in as a row.
+    # Every odd mode (and name) made it in as a row.
     names = {Path(r["path"]).name for r in rows}
-    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG"} <= names
+    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG",
+            "espa%F1a.jpg"} <= names
+    [odd] = [r for r in rows if r["path"].endswith("espa%F1a.jpg")]
+    assert os.fsencode(storage.unescape(odd["path"])) == odd_name and odd["label"] == "sad"
     # Counts in the manifest equal the rows per split and class.
     for split in SPLITS:
         for label, n in manifest["counts"][split].items():

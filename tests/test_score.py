@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
 from emotion_ray.inference import predict
@@ -50,12 +51,21 @@ def images_with_bad_files(tmp_path) -> Path:
 
 
 def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1) between two good ones: each is a row.
+    odd = os.fsencode(images_with_bad_files / "names")
+    os.makedirs(odd)
+    for name, source in ((b"ok_before.jpg", "angry_00001.jpg"), (b"espa\xf1a.jpg", "angry_00002.jpg"),
+                         (b"ok_after.png", "angry_00003.jpg")):
+        shutil.copy(images_with_bad_files / "angry" / source, os.path.join(odd, name))
     out = tmp_path / "scores"
     summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
                                 batch_size=4), show_progress=False)
     table = read_scores(str(out)).to_pylist()
-    files = sorted(str(p) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
+    files = sorted(storage.escape(str(p)) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
     assert sorted(r["path"] for r in table) == files  # every image file exactly once
+    [escaped] = [r for r in table if "espa" in r["path"]]
+    assert escaped["path"].endswith("/names/espa%F1a.jpg") and escaped["error"] is None
+    assert os.path.isfile(os.fsencode(storage.unescape(escaped["path"])))  # the text leads back to the file
     errors = {Path(r["path"]).name: r["error"].split(":")[0] for r in table if r["error"]}
     assert errors == {"empty.jpg": "empty", "not_really.png": "not_an_image", "cut.jpg": "truncated"}
     for r in table:
