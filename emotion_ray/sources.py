@@ -2,8 +2,8 @@
 
 Listing runs in the driver; `decode_table` is the Ray Data UDF that prepare and score (and
 predict, in-process) map over listed paths. One skip rule serves every listing: hidden files
-and folders, and files without an image extension, are counted by reason, never silently lost.
-Listed paths are text as the `path` column writes them (storage.escape: a
+and folders, and files without an image extension, are listed with their reason (`Skipped`),
+never silently lost. Listed paths are text as the `path` column writes them (storage.escape: a
 name that is not UTF-8 is escaped, losslessly) and are read by their real names (read_listed).
 
 Inputs: folders and `s3://` prefixes (`walk_folder`), zip and tar archives read in place
@@ -19,6 +19,7 @@ import math
 import os
 import posixpath
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
@@ -56,6 +57,27 @@ def skip_reason(relative_path: str) -> str | None:
     return None
 
 
+@dataclass
+class Skipped:
+    """Files the inputs hold that are not inputs, each with why (path as listed, reason): the
+    counts by reason in a summary and the rows of its skipped.parquet come from this one list."""
+
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.rows.append((path, reason))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.rows))
+
+    def table(self) -> pa.Table:
+        return pa.table({"path": pa.array([p for p, _ in self.rows], pa.string()),
+                         "reason": pa.array([r for _, r in self.rows], pa.string())})
+
+
 def walk_folder(root: str, storage_cfg: StorageConfig) -> Iterator[tuple[str, str]]:
     """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted;
     both as text for a `path` column (storage.escape: a name that is not UTF-8 is escaped).
@@ -89,13 +111,13 @@ def _walk_local(base: str) -> Iterator[tuple[str, str]]:
     yield from sorted(found)
 
 
-def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
+def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
     """The paths a `.txt` list names (as listed: storage.as_listed): one per line, UTF-8 (a BOM
     is dropped), `#` comments and blank lines skipped, CRLF fine; a relative path is relative to
-    the list's own folder. Lines that are not valid UTF-8 are skipped and counted
-    (`undecodable_list_line`)."""
+    the list's own folder. Lines that are not valid UTF-8 are skipped and listed
+    (`undecodable_list_line`, the line's path escaped)."""
     fs = storage.filesystem(list_uri, storage_cfg)
-    skipped: Counter = Counter()
+    skipped = Skipped()
     folder = posixpath.dirname(list_uri) if storage.is_s3(list_uri) else os.path.dirname(os.path.abspath(list_uri))
     paths = []
     for raw in fs.cat_file(storage.strip_scheme(list_uri)).removeprefix(b"\xef\xbb\xbf").splitlines():
@@ -107,14 +129,14 @@ def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str]
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError:
-            skipped["undecodable_list_line"] += 1
+            skipped.add(path, "undecodable_list_line")
             continue
         paths.append(path)
     return paths, skipped
 
 
-def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
-    """Every image to score (as listed: escaped), sorted and de-duplicated, and what was skipped by reason.
+def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
+    """Every image to score (as listed: escaped), sorted and de-duplicated, and what was skipped, with why.
 
     Folders and prefixes contribute their image files; zip and tar archives (.zip, .tar,
     .tar.gz, .tgz, ...) their image members, read in place. A `.txt` file contributes every
@@ -122,12 +144,12 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
     be opened is skipped and counted, not fatal. Raises ConfigError for an input that does not exist.
     """
     paths: set[str] = set()
-    skipped: Counter = Counter()
+    skipped = Skipped()
 
     def add(relative: str, uri: str) -> None:
         reason = skip_reason(relative)
         if reason:
-            skipped[reason] += 1
+            skipped.add(uri, reason)
         else:
             paths.add(uri)
 
@@ -137,13 +159,13 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
         if item.endswith(".txt") and fs.isfile(base):
             listed, undecodable = read_path_list(item, storage_cfg)
             paths.update(listed)
-            skipped.update(undecodable)
+            skipped.rows += undecodable.rows
         elif storage.archive_protocol(item) and fs.isfile(base):
             try:
                 members = storage.archive_members(item, storage_cfg)
             except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
                 log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
-                skipped["unreadable_archive"] += 1
+                skipped.add(storage.escape(item), "unreadable_archive")
                 continue
             for member in members:
                 add(member, storage.member_uri(item, member))

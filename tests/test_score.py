@@ -78,6 +78,9 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
     assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
     assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    skipped = pq.read_table(out / summary["skipped_listed_in"]).to_pylist()
+    assert skipped == [{"path": str(images_with_bad_files / "notes.txt"), "reason": "not_an_image_extension"}]
+    assert pq.read_table(out).num_rows == len(files)  # Parquet readers of the folder see predictions only
     # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
     assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
@@ -121,6 +124,8 @@ def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images
     errors = sorted(r["error"].split(":")[0] for r in rows.values() if r["error"])
     assert errors == sorted(["empty", "not_an_image", "truncated"] * 2)
     assert summary["skipped_inputs"] == {"unreadable_archive": 1, "hidden": 2, "not_an_image_extension": 2}
+    skipped = pq.read_table(out / "_skipped.parquet").to_pylist()
+    assert len(skipped) == 5 and {"path": str(archives / "damaged.zip"), "reason": "unreadable_archive"} in skipped
     assert _tree_hash(archives) == before  # read in place, never unpacked or changed
 
     # A member scores exactly as the same file on disk does (one preprocessing path).

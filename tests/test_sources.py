@@ -51,7 +51,10 @@ def test_folders_archives_and_path_lists_share_the_rule(tmp_path):
                                   str(tmp_path / "list.txt")], StorageConfig())
     assert len(paths) == 3 and any(p.startswith("zip://sad/d.jpg::") for p in paths)
     assert any(p.startswith("tar://") and p.split("::")[0].endswith("angry/f.jpg") for p in paths)
-    assert dict(skipped) == {"hidden": 2, "not_an_image_extension": 1}
+    assert skipped.counts() == {"hidden": 2, "not_an_image_extension": 1}
+    assert sorted(skipped.rows) == sorted([(str(tmp_path / "in" / "happy" / ".b.jpg"), "hidden"),
+                                           (str(tmp_path / "in" / "happy" / "c.txt"), "not_an_image_extension"),
+                                           (f"zip://sad/.e.jpg::{tmp_path / 'x.zip'}", "hidden")])
 
 
 @pytest.mark.fast
@@ -228,6 +231,6 @@ def test_path_lists_with_bom_crlf_relative_lines_and_bad_bytes(tmp_path):
     (tmp_path / "lists" / "todo.txt").write_bytes(body)
     paths, skipped = list_images([str(tmp_path / "lists" / "todo.txt")], StorageConfig())
     assert paths == sorted([str(tmp_path / "b.jpg"), str(tmp_path / "lists" / "imgs" / "a.jpg")])
-    assert dict(skipped) == {"undecodable_list_line": 1}
+    assert skipped.rows == [(str(tmp_path / "lists" / "bad%F1name.jpg"), "undecodable_list_line")]
     rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
     assert [r["error"] for r in rows] == [None, None]
