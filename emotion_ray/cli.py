@@ -106,9 +106,9 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
         lines.append(f"  {split:5s} {sum(per_class.values()):6d}  " + "  ".join(f"{c}={n}" for c, n in per_class.items()))
     if m["duplicates"]["duplicate_rows"]:
         lines.append(f"  exact duplicates: {m['duplicates']['duplicate_rows']} rows in {m['duplicates']['groups']} groups")
-    for kind in ("rejects", "ignored"):
+    for kind, listed_in in (("rejects", "rejects.parquet"), ("ignored", m["ignored"].get("listed_in"))):
         if m[kind]["by_reason"]:
-            lines.append(f"  {kind} by reason: {m[kind]['by_reason']}")
+            lines.append(f"  {kind} by reason: {m[kind]['by_reason']}" + (f" (paths: {listed_in})" if listed_in else ""))
     if m.get("faces"):
         lines.append(f"  pictures by faces found ({m['faces']['detector']}, {m['faces']['mode']}): "
                      f"{m['faces']['pictures_by_faces']}")

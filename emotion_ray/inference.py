@@ -207,6 +207,7 @@ def predict(cfg) -> list[dict[str, Any]]:
     from emotion_ray.sources import decode_table
 
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
-    decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage,
+    paths = [storage.as_listed(p) for p in cfg.inputs]  # `path` as score writes it (a name that is not UTF-8 escaped)
+    decoded = decode_table(pa.table({"path": paths}), bundle.image_size, cfg.decode_limits(), cfg.storage,
                            bundle.face_config(cfg.faces))
     return as_records(Predictor(bundle, cfg.batch_size)(decoded), bundle.classes)

@@ -5,6 +5,7 @@ Output layout (local folder or s3:// prefix):
         columns: image (binary: image_size*image_size*3 uint8 RGB, row-major HWC),
                  label_index (int32), label (string), path (string), content_hash (sha256 hex)
     rejects.parquet   path, reason, detail: every file that could not be used
+    skipped.parquet   path, reason: every file found that is not an input (hidden, not an image, ...)
     manifest.json     written last: a dataset without it is incomplete and is never read
 
 Splits come from the sha256 of each file's bytes mapped to [0, 1): deterministic, exact
@@ -29,6 +30,7 @@ from emotion_ray.errors import ConfigError
 
 OWNER_MARKER = "_emotion_ray_dataset"
 REJECTS = "rejects.parquet"
+SKIPPED = "skipped.parquet"
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
 DECODE_BATCH = 32
@@ -36,18 +38,18 @@ DECODE_BATCH = 32
 # A class with fewer rows than this trains badly and makes its test figures noise: prepare warns.
 MIN_CLASS_ROWS = 20
 # Every name prepare writes (a marker from before ownership lists owns only these).
-WRITTEN_NAMES = ["split=*", REJECTS, MANIFEST]
+WRITTEN_NAMES = ["split=*", REJECTS, SKIPPED, MANIFEST]
 SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "split", "reject_reason"]
 FACE_SHARD_COLUMNS = ["face_index", "box_x", "box_y", "box_w", "box_h", "face_score"]  # with faces on
 
 
 @dataclass
 class Listing:
-    """What the input roots hold: usable files with labels, and everything skipped, by reason."""
+    """What the input roots hold: usable files with labels, and everything skipped, with why."""
 
     files: list[dict[str, Any]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
-    ignored: Counter = field(default_factory=Counter)
+    ignored: sources.Skipped = field(default_factory=sources.Skipped)
     found: int = 0
 
 
@@ -76,9 +78,9 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 if split not in SPLITS:
                     reason = "not_in_split_folder"
             if reason:
-                listing.ignored[reason] += 1
+                listing.ignored.add(uri, reason)
             elif len(parts) < 2:
-                listing.ignored["not_in_class_folder"] += 1
+                listing.ignored.add(uri, "not_in_class_folder")
             else:
                 candidates.append((uri, parts[0], split))
     if cfg.classes is None:
@@ -94,7 +96,7 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
     for uri, folder, split in candidates:
         index = by_name.get(folder.lower())
         if index is None:
-            listing.ignored["class_not_selected"] += 1
+            listing.ignored.add(uri, "class_not_selected")
             continue
         row = {"path": uri, "label": classes[index], "label_index": index}
         listing.files.append({**row, "given_split": split} if by_folder else row)
@@ -147,15 +149,15 @@ def _claim_output(cfg: PrepareConfig) -> None:
     outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, first=[MANIFEST])
     # Recorded before writing, so a crash leaves them ours to delete next time.
     outputs.record_written(cfg.output, OWNER_MARKER, [f"split={s}" for s in (*SPLITS, REJECTED)]
-                           + [REJECTS, MANIFEST], cfg.storage)
+                           + [REJECTS, SKIPPED, MANIFEST], cfg.storage)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     """Count what was written (Arrow aggregations over the small columns only: no pixels, no
-    per-row Python objects), move rejects into rejects.parquet, and build the manifest."""
+    per-row Python objects), move rejects into rejects.parquet, list the ignored files in
+    skipped.parquet, and build the manifest."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
     fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
     base = storage.strip_scheme(cfg.output)
@@ -196,8 +198,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         reject_table = pa.table({"path": r["path"], "reason": reason, "detail": detail})
     else:
         reject_table = pa.table({n: pa.array([], pa.string()) for n in ("path", "reason", "detail")})
-    with fs.open_output_stream(f"{base}/{REJECTS}") as out:
-        pq.write_table(reject_table, out)
+    storage.write_parquet_atomic(storage.join(cfg.output, REJECTS), reject_table, cfg.storage)
+    storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), listing.ignored.table(), cfg.storage)
     # The rejected partition only carried reject rows through the one streaming pass.
     storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
 
@@ -226,7 +228,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         },
         "rejects": {"count": reject_table.num_rows,
                     "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
-        "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
+        "ignored": {"count": len(listing.ignored), "by_reason": listing.ignored.counts(), "listed_in": SKIPPED},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
         "small_classes": {c: n for c in cfg.classes if (n := sum(counts[s][c] for s in SPLITS)) < MIN_CLASS_ROWS},
         **({"faces": {**cfg.faces.model_dump(), "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}

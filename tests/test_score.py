@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
 from emotion_ray.errors import StageError
@@ -51,12 +52,21 @@ def images_with_bad_files(tmp_path) -> Path:
 
 
 def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1) between two good ones: each is a row.
+    odd = os.fsencode(images_with_bad_files / "names")
+    os.makedirs(odd)
+    for name, source in ((b"ok_before.jpg", "angry_00001.jpg"), (b"espa\xf1a.jpg", "angry_00002.jpg"),
+                         (b"ok_after.png", "angry_00003.jpg")):
+        shutil.copy(images_with_bad_files / "angry" / source, os.path.join(odd, name))
     out = tmp_path / "scores"
     summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
                                 batch_size=4), show_progress=False)
     table = read_scores(str(out)).to_pylist()
-    files = sorted(str(p) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
+    files = sorted(storage.escape(str(p)) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
     assert sorted(r["path"] for r in table) == files  # every image file exactly once
+    [escaped] = [r for r in table if "espa" in r["path"]]
+    assert escaped["path"].endswith("/names/espa%F1a.jpg") and escaped["error"] is None
+    assert os.path.isfile(os.fsencode(storage.unescape(escaped["path"])))  # the text leads back to the file
     errors = {Path(r["path"]).name: r["error"].split(":")[0] for r in table if r["error"]}
     assert errors == {"empty.jpg": "empty", "not_really.png": "not_an_image", "cut.jpg": "truncated"}
     for r in table:
@@ -69,6 +79,9 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
     assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
     assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    skipped = pq.read_table(out / summary["skipped_listed_in"]).to_pylist()
+    assert skipped == [{"path": str(images_with_bad_files / "notes.txt"), "reason": "not_an_image_extension"}]
+    assert pq.read_table(out).num_rows == len(files)  # Parquet readers of the folder see predictions only
     # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
     assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
@@ -112,6 +125,8 @@ def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images
     errors = sorted(r["error"].split(":")[0] for r in rows.values() if r["error"])
     assert errors == sorted(["empty", "not_an_image", "truncated"] * 2)
     assert summary["skipped_inputs"] == {"unreadable_archive": 1, "hidden": 2, "not_an_image_extension": 2}
+    skipped = pq.read_table(out / "_skipped.parquet").to_pylist()
+    assert len(skipped) == 5 and {"path": str(archives / "damaged.zip"), "reason": "unreadable_archive"} in skipped
     assert _tree_hash(archives) == before  # read in place, never unpacked or changed
 
     # A member scores exactly as the same file on disk does (one preprocessing path).
