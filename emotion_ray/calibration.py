@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 ECE_BINS = 15
-# Searched range of T: wide enough for any model seen so far (fits land between 0.5 and 3); a
-# validation split the model classifies perfectly drives T to the lower bound (NLL keeps falling
-# as the probabilities sharpen), which then says more about the split than about the model.
+# Searched range of T. A validation split the model classifies perfectly has no NLL minimum at
+# all (the NLL keeps falling as T falls and the probabilities sharpen towards one-hot, until it
+# is flat at 0 in float64): calibration_report then keeps T = 1 rather than trust the fit.
 TEMPERATURE_BOUNDS = (0.05, 20.0)
 TINY = float(np.finfo(np.float32).tiny)
 UNCERTAIN = "uncertain"  # the label of rows below `min_confidence` (abstention; score and predict)
@@ -173,12 +173,21 @@ def calibration_report(val_probs: np.ndarray, val_labels: np.ndarray, test_probs
 
     Inputs are raw softmax outputs (N, K) and integer labels (N,) of each split. Returns
     {"temperature", "ece_before", "ece_after" (test ECE at T = 1 and at the fitted T; None
-    without test rows), "calibration": {fitted_on, val_rows, bins, val/test NLL before and
+    without test rows), "calibration": {fit, fitted_on, val_rows, bins, val/test NLL before and
     after (nats per row), reliability_before / reliability_after (reliability_bins of test),
     suggested_min_confidence (min_confidence_for_precision on calibrated val rows, target
-    SUGGESTION_TARGET_PRECISION)}}.
+    SUGGESTION_TARGET_PRECISION)}}. `fit` is "nll_minimum"; or "no_minimum_in_range" when
+    every validation row is classified right (the NLL then has no minimum: it falls as T falls)
+    or the fit ended on a bound of TEMPERATURE_BOUNDS, and "no_rows" without validation rows:
+    in both T is 1, the raw softmax.
     """
-    temperature = fit_temperature(val_probs, val_labels)
+    val_probs, val_labels = np.asarray(val_probs), np.asarray(val_labels, dtype=np.int64)
+    fitted = fit_temperature(val_probs, val_labels)
+    lo, hi = TEMPERATURE_BOUNDS
+    no_minimum = (bool((val_probs.argmax(axis=1) == val_labels).all()) or fitted <= lo * (1 + 1e-3)
+                  or fitted >= hi * (1 - 1e-3))
+    fit = "no_rows" if not len(val_labels) else "no_minimum_in_range" if no_minimum else "nll_minimum"
+    temperature = fitted if fit == "nll_minimum" else 1.0
     test_after, val_after = apply_temperature(test_probs, temperature), apply_temperature(val_probs, temperature)
     nan_to_none = lambda x: None if np.isnan(x) else x  # noqa: E731 - JSON has no NaN
     return {
@@ -187,7 +196,7 @@ def calibration_report(val_probs: np.ndarray, val_labels: np.ndarray, test_probs
         "ece_after": expected_calibration_error(test_after, test_labels, bins),
         "calibration": {
             "method": "temperature scaling (Guo et al. 2017), NLL on the validation split",
-            "fitted_on": "val", "val_rows": int(len(val_labels)), "bins": bins,
+            "fit": fit, "fitted_on": "val", "val_rows": int(len(val_labels)), "bins": bins,
             "val_nll_before": nan_to_none(negative_log_likelihood(val_probs, val_labels)),
             "val_nll_after": nan_to_none(negative_log_likelihood(val_probs, val_labels, temperature)),
             "test_nll_before": nan_to_none(negative_log_likelihood(test_probs, test_labels)),

@@ -116,6 +116,19 @@ def test_calibration_report_is_json_and_measures_on_test():
     assert cal["val_rows"] == 500 and sum(cal["reliability_after"]["count"]) == 500
     assert cal["val_nll_after"] < cal["val_nll_before"] and cal["test_nll_after"] < cal["test_nll_before"]
     assert cal["suggested_min_confidence"]["target_precision"] == 0.9
+    assert cal["fit"] == "nll_minimum"
     empty = calibration_report(np.zeros((0, 3)), np.zeros(0), np.zeros((0, 3)), np.zeros(0))
-    assert empty["temperature"] == 1.0 and empty["ece_before"] is None
+    assert empty["temperature"] == 1.0 and empty["ece_before"] is None and empty["calibration"]["fit"] == "no_rows"
     json.dumps(empty, allow_nan=False)
+
+
+def test_a_perfectly_classified_validation_split_keeps_the_raw_softmax():
+    """Every val row right: the NLL falls as T falls, without a minimum; sharpening to the bound
+    would make every test error a confident one, so T stays 1."""
+    val_probs, _ = synthetic(300, 1.0, seed=6)
+    val_labels = val_probs.argmax(axis=1)
+    assert fit_temperature(val_probs, val_labels) < 0.07  # towards the lower bound, where the NLL is flat at 0
+    test_probs, test_labels = synthetic(300, 1.0, seed=7)
+    report = calibration_report(val_probs, val_labels, test_probs, test_labels)
+    assert report["temperature"] == 1.0 and report["calibration"]["fit"] == "no_minimum_in_range"
+    assert report["ece_after"] == report["ece_before"]
