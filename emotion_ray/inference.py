@@ -6,6 +6,8 @@
   decoded Arrow batches (see sources.decode_table) into prediction rows.
 - Its forward pass runs in fixed-size padded batches, so a file's probabilities never depend on
   which other files share its batch: every caller gets bit-identical numbers for a file.
+- The run's fitted temperature (labels.json `temperature`, calibration.py; 1 when absent) is
+  applied here and nowhere else, so every caller gets the same calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from emotion_ray import storage
+from emotion_ray.calibration import apply_temperature
 from emotion_ray.config import StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import pixels_from_arrow
@@ -41,6 +44,7 @@ class ModelBundle:
     image_size: int
     model_id: str  # the model's URI and content hash, written into every prediction row
     faces: dict | None = None  # the face preprocessing the model was trained with (labels.json), if any
+    temperature: float = 1.0  # fitted on the validation split (labels.json); 1: the raw softmax
 
     def face_config(self, asked):
         """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
@@ -85,8 +89,13 @@ def _content_id(data: bytes) -> str:
 
 
 def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
-    """A bundle from a model file's bytes and its labels.json's contents."""
-    return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"))
+    """A bundle from a model file's bytes and its labels.json's contents (ConfigError on a
+    temperature that is not a positive number)."""
+    temperature = labels.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ConfigError(f"model {model_id}: labels.json temperature {temperature!r} is not a positive number")
+    return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"),
+                       float(temperature))
 
 
 def share_gpus() -> None:
@@ -134,6 +143,7 @@ class Predictor:
 
     Used as a Ray Data actor-pool UDF (`bundle` may be an ObjectRef: the model travels through
     the object store, not inside the UDF) and in-process by predict, evaluation and MLflow.
+    Probabilities are the model's softmax at the bundle's temperature (calibration.py).
     """
 
     def __init__(self, bundle: ModelBundle | Any, batch_size: int):
@@ -152,13 +162,14 @@ class Predictor:
         _check_outputs(self.forward(probe).numpy(), bundle.classes, bundle.model_id)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, size, size, 3) uint8 -> (N, classes) float32, in fixed-size padded chunks."""
+        """(N, size, size, 3) uint8 -> (N, classes) float32 calibrated probabilities (the bundle's
+        temperature applied), in fixed-size padded chunks."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
             padded[: len(chunk)] = chunk
-            out.append(self.forward(padded).numpy()[: len(chunk)])
+            out.append(apply_temperature(self.forward(padded).numpy(), self.bundle.temperature)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
