@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from emotion_ray import storage
-from emotion_ray.calibration import apply_temperature
+from emotion_ray.calibration import UNCERTAIN, apply_temperature
 from emotion_ray.config import StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import pixels_from_arrow
@@ -143,10 +143,12 @@ class Predictor:
 
     Used as a Ray Data actor-pool UDF (`bundle` may be an ObjectRef: the model travels through
     the object store, not inside the UDF) and in-process by predict, evaluation and MLflow.
-    Probabilities are the model's softmax at the bundle's temperature (calibration.py).
+    Probabilities are the model's softmax at the bundle's temperature (calibration.py). With
+    `min_confidence` (0..1), rows whose top probability is below it are labelled `uncertain`
+    (their confidence and probabilities are still written); ConfigError when a class is called so.
     """
 
-    def __init__(self, bundle: ModelBundle | Any, batch_size: int):
+    def __init__(self, bundle: ModelBundle | Any, batch_size: int, min_confidence: float | None = None):
         from emotion_ray.model import load_model_bytes
 
         if not isinstance(bundle, ModelBundle):  # an ObjectRef
@@ -158,6 +160,10 @@ class Predictor:
         self.forward = forward_pass(self.model)
         self.bundle = bundle
         self.batch_size = batch_size
+        if min_confidence is not None and UNCERTAIN in bundle.classes:
+            raise ConfigError(f"model {bundle.model_id} has a class named {UNCERTAIN!r}, the label of rows below "
+                              "min_confidence: score without min_confidence")
+        self.min_confidence = min_confidence
         probe = np.random.default_rng(0).integers(0, 256, (2, bundle.image_size, bundle.image_size, 3), np.uint8)
         _check_outputs(self.forward(probe).numpy(), bundle.classes, bundle.model_id)
 
@@ -181,14 +187,16 @@ class Predictor:
         if good.any():
             probs[good] = self.probabilities(pixels_from_arrow(column, size))
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+        top = np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan)
+        unsure = good & (top < self.min_confidence) if self.min_confidence is not None else np.zeros_like(good)
         columns = {"path": batch["path"]}
         for name in FACE_COLUMNS:  # with faces on: which face of the picture, and where
             if name in batch.column_names:
                 columns[name] = batch[name]
         columns.update({
-            "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
-            "confidence": pa.array(np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan),
-                                   pa.float32(), mask=~good),
+            "label": pa.array([(UNCERTAIN if u else classes[b]) if g else None
+                               for b, g, u in zip(best, good, unsure)], pa.string()),
+            "confidence": pa.array(top, pa.float32(), mask=~good),
         })
         for j, c in enumerate(classes):
             columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
@@ -220,4 +228,4 @@ def predict(cfg) -> list[dict[str, Any]]:
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
     decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage,
                            bundle.face_config(cfg.faces))
-    return as_records(Predictor(bundle, cfg.batch_size)(decoded), bundle.classes)
+    return as_records(Predictor(bundle, cfg.batch_size, cfg.min_confidence)(decoded), bundle.classes)
