@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 
 from emotion_ray import outputs, runtime, sources, storage
+from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.inference import Predictor, resolve_model
@@ -201,7 +202,8 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
             batch_size=cfg.batch_size,
             compute=_predictor_pool(cfg),
             # The model travels through the object store, not inside the UDF.
-            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size},
+            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size,
+                                   "min_confidence": cfg.min_confidence},
             num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_predictor,
         )
@@ -250,6 +252,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
         "incomplete_pictures_rescored": repaired["incomplete_pictures"],
         "errors_retried": repaired["errors_retried"],
         "labels": dict(sorted(labels.items())),
+        "uncertain": labels[UNCERTAIN],  # rows below min_confidence (also among labels)
         "errors": dict(errors),
         "skipped_inputs": skipped.counts(),
         "skipped_listed_in": SKIPPED,

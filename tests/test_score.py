@@ -25,17 +25,19 @@ from tests.conftest import run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
 SIZE = 32
+TEMPERATURE = 2.0
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model."""
+    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model.
+    Its fitted temperature (TEMPERATURE) runs every path here through the calibrated outputs."""
     from emotion_ray.config import ModelConfig
     from emotion_ray.model import build_model, save_model
 
     run = tmp_path_factory.mktemp("run")
     save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
-    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, "temperature": TEMPERATURE}))
     return run
 
 
@@ -240,26 +242,57 @@ def test_requests_no_node_can_hold_fail_at_once_instead_of_waiting(ray_session, 
     assert not read_scores(str(tmp_path / "scores")).num_rows
 
 
-def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, images_with_bad_files, tmp_path):
+def test_predict_gives_exactly_the_scores_probabilities_and_abstentions(ray_session, model_dir,
+                                                                       images_with_bad_files, tmp_path):
+    from emotion_ray.calibration import apply_temperature
+
+    images = sorted(str(p) for p in images_with_bad_files.rglob("*_0000*"))  # the demo pictures
+    plain = {r["path"]: r for r in predict(PredictConfig(model=str(model_dir), inputs=images))}
+    # A threshold amid the confidences: the rows below it abstain, the one at it does not.
+    threshold = float(np.median([r["confidence"] for r in plain.values()]))
+    unsure = {path for path, r in plain.items() if r["confidence"] < threshold}
+    assert 0 < len(unsure) < len(plain)
     out = tmp_path / "scores"
-    score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out), batch_size=8),
-          show_progress=False)
+    summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
+                                batch_size=8, min_confidence=threshold), show_progress=False)
     scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
-    some = sorted(scored)[:5]
-    for result in predict(PredictConfig(model=str(model_dir), inputs=some)):
+    assert summary["uncertain"] == summary["labels"]["uncertain"] == len(unsure)
+    for path, r in plain.items():
+        row = scored[path]
+        assert row["label"] == ("uncertain" if path in unsure else r["label"]) and r["label"] in CLASSES
+        assert row["confidence"] == r["confidence"]
+        for c in CLASSES:
+            assert r["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close; written when uncertain
+    errors = sorted(p for p in scored if scored[p]["error"])  # an error, never `uncertain`
+    some = errors[:2] + sorted(unsure)[:2] + sorted(set(plain) - unsure)[:2]
+    assert len(some) == 6
+    for result in predict(PredictConfig(model=str(model_dir), inputs=some, min_confidence=threshold)):
         row = scored[result["path"]]
         assert result["label"] == row["label"] and result["error"] == row["error"]
         for c in CLASSES:
-            assert result["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close
+            assert result["probabilities"][c] == row[f"prob_{c}"]
+
+    # A run without a stored temperature (older runs) outputs the raw softmax: T = 1.
+    old = tmp_path / "old_run"
+    shutil.copytree(model_dir, old)
+    (old / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    for r in predict(PredictConfig(model=str(old), inputs=images[:3])):
+        raw = np.array([[r["probabilities"][c] for c in CLASSES]])
+        calibrated = [plain[r["path"]]["probabilities"][c] for c in CLASSES]
+        np.testing.assert_allclose(calibrated, apply_temperature(raw, TEMPERATURE)[0], rtol=1e-6)
+        assert max(calibrated) < r["confidence"]  # T > 1: softer than the raw softmax
 
 
 def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
     image = str(sorted((images_with_bad_files / "sad").glob("sad_*"))[0])
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", image, "--model", str(model_dir),
-                          "--json"], capture_output=True, text=True, timeout=300)
+                          "--json", "--min-confidence", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     [row] = json.loads(res.stdout)
-    assert row["label"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
+    # Nothing reaches a confidence of 1: the row abstains, its probabilities still there.
+    assert row["label"] == "uncertain" and set(row["probabilities"]) == set(CLASSES)
+    assert row["confidence"] == max(row["probabilities"].values())
+    assert "1 of 1 rows uncertain (top probability below 1)" in res.stderr
 
 
 def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp_path):
