@@ -13,11 +13,11 @@ The perceptual hash is pHash as imagehash computes it (imagehash.phash, 64 bits:
 method of Zauner 2010, "Implementation and Benchmarking of Perceptual Image Hash Functions", as
 Krawetz's "Looks Like It" (hackerfactor.com, 2011) and imagehash's documentation describe it).
 
-A group's split comes from its canonical key: the smallest user key in it, hashed (sha256 of
-the key's UTF-8 bytes), or else its smallest content hash, so a picture that groups with no
-other keeps exactly the split the plain hash split gives it. Deterministic (input order plays
-no part) and stable as data grows: a group moves only when a new picture joins it with a
-smaller key or bridges it to another group, and a user group (a person) never moves.
+A group's split comes from the sha256 of its key (the smallest user key in it, else its smallest
+content hash), mapped to [0, 1) as prepare.split_of does; a file in no group keeps its own sha256,
+so it gets exactly the split the plain hash split gives it. Deterministic (input order plays no
+part) and stable as data grows: a group moves only when a new picture joins it with a smaller
+key or bridges it to another group, and a user group (a person) never moves.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import csv
 import hashlib
 import io
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -36,8 +35,8 @@ import numpy as np
 # side before imagehash sees them (as JPEG draft decoding does): 2.7x faster at 256 px, and
 # within 2 bits of hashing the full picture (measured on 113 photos and demo faces).
 PHASH_INPUT_SIDE = 64
-# Pairs are compared in blocks of at most this many (rows x columns): 64 MiB of XORs at a time.
-PAIR_BLOCK = 1 << 23
+# Pairs are compared in blocks of at most this many (rows x columns): 32 MiB of XORs at a time.
+PAIR_BLOCK = 1 << 22
 
 
 def perceptual_hash(picture: np.ndarray) -> int:
@@ -56,22 +55,24 @@ def perceptual_hash(picture: np.ndarray) -> int:
 def near_duplicate_pairs(hashes: np.ndarray, distance: int) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i < j) of `hashes` (uint64) whose Hamming distance is at most `distance` bits.
 
-    Every pair is compared (vectorised XOR and popcount in blocks): O(n²), about 3 s for 35,000
-    distinct hashes on one core; pass distinct values (plan_groups does) to keep n small.
+    Every pair is compared (vectorised XOR and popcount, a block of rows at a time, into buffers
+    allocated once): O(n²). Pass distinct values (plan_groups does) to keep n small.
     """
     hashes = np.asarray(hashes, dtype=np.uint64)
     n = len(hashes)
-    firsts, seconds = [], []
     step = max(1, PAIR_BLOCK // max(n, 1))
+    xor, bits, near = np.empty(step * n, np.uint64), np.empty(step * n, np.uint8), np.empty(step * n, np.bool_)
+    firsts, seconds = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     for start in range(0, n, step):
         block = hashes[start:start + step]
-        near = np.bitwise_count(block[:, None] ^ hashes[None, start:]) <= distance
-        rows, cols = np.nonzero(near)
+        shape = (len(block), n - start)  # this block's rows against itself and every later row
+        size = shape[0] * shape[1]
+        np.bitwise_xor(block[:, None], hashes[None, start:], out=xor[:size].reshape(shape))
+        np.bitwise_count(xor[:size].reshape(shape), out=bits[:size].reshape(shape))
+        rows, cols = np.nonzero(np.less_equal(bits[:size].reshape(shape), distance, out=near[:size].reshape(shape)))
         keep = cols > rows  # the upper triangle: each pair once, no picture with itself
         firsts.append(rows[keep] + start)
         seconds.append(cols[keep] + start)
-    if not firsts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(firsts).astype(np.int64), np.concatenate(seconds).astype(np.int64)
 
 
@@ -159,6 +160,21 @@ def user_keys(names: dict[str, tuple[str, str]], pattern: str | None,
     return keys
 
 
+def _near_duplicate_edges(nodes: Sequence[int], phashes: Sequence[int | None],
+                          distance: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Edges joining pictures (graph nodes) whose pHashes are within `distance`, and how many
+    pairs of distinct pictures that is. Pictures with one pHash value are joined to that
+    value's first picture, and only distinct values are compared."""
+    hash_of_node = {node: value for node, value in zip(nodes, phashes) if value is not None}
+    ordered = np.array(sorted(hash_of_node), dtype=np.int64)
+    values, first, inverse, count = np.unique(np.array([hash_of_node[n] for n in ordered.tolist()], dtype=np.uint64),
+                                              return_index=True, return_inverse=True, return_counts=True)
+    a, b = near_duplicate_pairs(values, distance)
+    representative = ordered[first]
+    pairs = int(np.sum(count[a] * count[b]) + np.sum(count * (count - 1) // 2))
+    return np.concatenate([ordered, representative[a]]), np.concatenate([representative[inverse], representative[b]]), pairs
+
+
 @dataclass
 class GroupPlan:
     """Each picture's group and split (by path), and the figures the manifest reports."""
@@ -172,7 +188,8 @@ def plan_groups(paths: Sequence[str], content_hashes: Sequence[str], phashes: Se
                 keys: dict[str, tuple[str, ...]], distance: int, split_of: Callable[[str], str],
                 given_splits: Sequence[str | None] | None = None) -> GroupPlan:
     """Group pictures (one entry per file: its path, sha256 hex, pHash or None, and user keys by
-    path) and give each group one split: `split_of(hex digest)` of its canonical key, or with
+    path) and give each group one split: `split_of(hex digest)` of its key's sha256 (of a lone
+    file's own sha256), or with
     `given_splits` (split_by folder) each file's own, and then the groups that cross given
     splits are only counted. `distance` 0 turns near-duplicate grouping off.
     """
@@ -180,41 +197,22 @@ def plan_groups(paths: Sequence[str], content_hashes: Sequence[str], phashes: Se
     node_of = {d: i for i, d in enumerate(digests)}
     key_names = sorted({k for ks in keys.values() for k in ks})
     key_node = {k: len(digests) + i for i, k in enumerate(key_names)}
-    picture_nodes = np.array([node_of[d] for d in content_hashes], dtype=np.int64)
-    firsts: list[np.ndarray] = []
-    seconds: list[np.ndarray] = []
     links = [(node_of[d], key_node[k]) for p, d in zip(paths, content_hashes) for k in keys.get(p, ())]
-    if links:
-        firsts.append(np.array([a for a, _ in links], np.int64))
-        seconds.append(np.array([b for _, b in links], np.int64))
-
+    firsts = [np.array([a for a, _ in links], np.int64)]
+    seconds = [np.array([b for _, b in links], np.int64)]
     near_pairs = 0
     if distance > 0:
-        hash_of_node: dict[int, int] = {}
-        for node, value in zip(picture_nodes.tolist(), phashes):
-            if value is not None:
-                hash_of_node[node] = value
-        nodes = np.array(sorted(hash_of_node), dtype=np.int64)
-        values, first_node, inverse, count = np.unique(
-            np.array([hash_of_node[n] for n in nodes.tolist()], dtype=np.uint64),
-            return_index=True, return_inverse=True, return_counts=True)
-        firsts.append(nodes)  # pictures with one pHash value: joined to that value's first picture
-        seconds.append(nodes[first_node][inverse])
-        a, b = near_duplicate_pairs(values, distance)
-        firsts.append(nodes[first_node][a])
-        seconds.append(nodes[first_node][b])
-        near_pairs = int(np.sum(count[a] * count[b]) + np.sum(count * (count - 1) // 2))
-
-    n = len(digests) + len(key_names)
-    label = components(n, *(np.concatenate(x) if x else np.zeros(0, np.int64) for x in (firsts, seconds)))
+        a, b, near_pairs = _near_duplicate_edges([node_of[d] for d in content_hashes], phashes, distance)
+        firsts.append(a)
+        seconds.append(b)
+    label = components(len(digests) + len(key_names), np.concatenate(firsts), np.concatenate(seconds))
     canonical: dict[int, str] = {}
-    is_key: dict[int, bool] = {}
-    for k in key_names:  # sorted: the first key met in a component is its smallest
-        canonical.setdefault(int(label[key_node[k]]), k)
-        is_key[int(label[key_node[k]])] = True
-    for d in digests:
-        canonical.setdefault(int(label[node_of[d]]), d)
-    group_split = {c: split_of(hashlib.sha256(key.encode("utf-8")).hexdigest() if is_key.get(c) else key)
+    for name in key_names + digests:  # keys first, each sorted: a component's first name met is its key
+        canonical.setdefault(int(label[key_node[name] if name in key_node else node_of[name]]), name)
+    # A lone file's point is its own sha256, as without groups. Any other group's is the sha256 of
+    # its key: the smallest of several digests is no uniform point (it falls in train too often).
+    nodes_in = np.bincount(label, minlength=len(canonical))
+    group_split = {c: split_of(key if nodes_in[c] == 1 else hashlib.sha256(key.encode("utf-8")).hexdigest())
                    for c, key in canonical.items()}
 
     group, split = {}, {}
@@ -228,7 +226,7 @@ def plan_groups(paths: Sequence[str], content_hashes: Sequence[str], phashes: Se
         members.setdefault(c, set()).add(path)
         plain.setdefault(c, set()).add(split_of(digest))
         final.setdefault(c, set()).add(split[path])
-    sizes = Counter({c: len(m) for c, m in members.items()})
+    sizes = {c: len(m) for c, m in members.items()}
     stats = {
         "groups": len(members),
         "groups_of_several_pictures": sum(1 for s in sizes.values() if s > 1),

@@ -255,9 +255,9 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "image_format": IMAGE_FORMAT,
         "split_fractions": cfg.splits,
         "split_method": ("the inputs' train/val/test folders" if cfg.split_by == "folder" else
-                         "per group (exact and near-duplicates, group keys): the sha256 hex of its smallest "
-                         "group_pattern/group_file key, else its smallest file sha256; [:16 hex] / 2**64 against "
-                         "cumulative train, val, test fractions" if cfg.grouping else
+                         "per group (exact and near-duplicates, group keys): sha256(its smallest group_pattern/"
+                         "group_file key, else its smallest file sha256 hex; a lone file: its bytes)[:16 hex] / "
+                         "2**64 against cumulative train, val, test fractions" if cfg.grouping else
                          "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions"),
         "sources": cfg.inputs,
         "files_found": listing.found,
