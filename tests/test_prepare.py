@@ -246,6 +246,8 @@ def test_prepare_with_faces_keeps_crops_with_their_source_and_counts_pictures(ra
     two = [r for r in shard.drop_columns(["image"]).to_pylist() if r["path"].endswith("two_people.jpg")]
     assert sorted(r["face_index"] for r in two) == [0, 1] and all(r["box_w"] > 50 and r["label"] == "happy" for r in two)
     assert len({r["content_hash"] for r in two}) == 1 and manifest["duplicates"]["duplicate_rows"] == 0
+    # A picture's faces share its group, and its pHash is the whole picture's.
+    assert len({(r["group"], r["phash"]) for r in two}) == 1 and two[0]["phash"] is not None
 
 
 def test_split_by_folder_keeps_the_given_splits_and_counts_cross_split_copies(ray_session, tmp_path):
