@@ -265,6 +265,10 @@ class InferenceConfig(DecodeLimits):
     )
     faces: FaceConfig | None = Field(
         None, description="Unset: as the model was trained (its labels.json), else whole images.")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="Abstention: rows whose top (calibrated) probability is below this are "
+        "labelled `uncertain`, their probabilities still written, and counted. Unset: off. metrics.json's "
+        "calibration.suggested_min_confidence is one chosen on the validation split.")
     mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 

@@ -135,20 +135,21 @@ class UserKeys:
     file_rows_unmatched: int = 0
 
 
-def user_keys(names: dict[str, tuple[str, str]], pattern: str | None,
+def user_keys(names: dict[str, tuple[str, str, str]], pattern: str | None,
               file_groups: dict[str, str] | None) -> UserKeys:
-    """Each listed file's group keys. `names`: URI -> (path relative to its input root, path
-    within its class folder). The pattern sees the path within the class folder; a CSV row
-    matches a file by its URI or its path relative to its input root."""
+    """Each listed file's group keys. `names`: URI (as the `path` column writes it) -> (its real
+    name, path relative to its input root, path within its class folder). The pattern sees the
+    path within the class folder; a CSV row matches a file by its full name or its path
+    relative to its input root."""
     compiled = re.compile(pattern) if pattern else None
     keys = UserKeys()
     matched: set[str] = set()
-    for uri, (relative, in_class) in names.items():
+    for uri, (full, relative, in_class) in names.items():
         found = []
         if (key := pattern_key(compiled, in_class)) is not None:
             found.append(key)
         if file_groups:
-            for name in (uri, _normal_path(relative)):
+            for name in (full, _normal_path(relative)):
                 if name in file_groups:
                     matched.add(name)
                     found.append(file_groups[name])

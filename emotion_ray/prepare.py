@@ -6,6 +6,7 @@ Output layout (local folder or s3:// prefix):
                  label_index (int32), label (string), path (string), content_hash (sha256 hex),
                  group (the row's group key), phash (uint64 pHash of its picture; null when off)
     rejects.parquet   path, reason, detail: every file that could not be used
+    skipped.parquet   path, reason: every file found that is not an input (hidden, not an image, ...)
     manifest.json     written last: a dataset without it is incomplete and is never read
 
 Splits come from a sha256 mapped to [0, 1): of each file's bytes, or with grouping (groups.py:
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 OWNER_MARKER = "_emotion_ray_dataset"
 REJECTS = "rejects.parquet"
+SKIPPED = "skipped.parquet"
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
 DECODE_BATCH = 32
@@ -45,21 +47,22 @@ DECODE_BATCH = 32
 # A class with fewer rows than this trains badly and makes its test figures noise: prepare warns.
 MIN_CLASS_ROWS = 20
 # Every name prepare writes (a marker from before ownership lists owns only these).
-WRITTEN_NAMES = ["split=*", REJECTS, MANIFEST]
+WRITTEN_NAMES = ["split=*", REJECTS, SKIPPED, MANIFEST]
 SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "group", "phash", "split", "reject_reason"]
 FACE_SHARD_COLUMNS = ["face_index", "box_x", "box_y", "box_w", "box_h", "face_score"]  # with faces on
 
 
 @dataclass
 class Listing:
-    """What the input roots hold: usable files with labels, and everything skipped, by reason."""
+    """What the input roots hold: usable files with labels, and everything skipped, with why."""
 
     files: list[dict[str, Any]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
-    ignored: Counter = field(default_factory=Counter)
+    ignored: sources.Skipped = field(default_factory=sources.Skipped)
     found: int = 0
-    # URI -> (path relative to its input root, path within its class folder): what group keys read.
-    names: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # URI -> (its real name, path relative to its input root, path within its class folder), all
+    # unescaped (storage.unescape): what group keys read.
+    names: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 def list_labelled_files(cfg: PrepareConfig) -> Listing:
@@ -87,9 +90,9 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 if split not in SPLITS:
                     reason = "not_in_split_folder"
             if reason:
-                listing.ignored[reason] += 1
+                listing.ignored.add(uri, reason)
             elif len(parts) < 2:
-                listing.ignored["not_in_class_folder"] += 1
+                listing.ignored.add(uri, "not_in_class_folder")
             else:
                 candidates.append((uri, parts[0], split, relative, "/".join(parts[1:])))
     if cfg.classes is None:
@@ -105,9 +108,9 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
     for uri, folder, split, relative, in_class in candidates:
         index = by_name.get(folder.lower())
         if index is None:
-            listing.ignored["class_not_selected"] += 1
+            listing.ignored.add(uri, "class_not_selected")
             continue
-        listing.names[uri] = (relative, in_class)
+        listing.names[uri] = (storage.unescape(uri), storage.unescape(relative), storage.unescape(in_class))
         row = {"path": uri, "label": classes[index], "label_index": index}
         listing.files.append({**row, "given_split": split} if by_folder else row)
     present = {f["label"] for f in listing.files}
@@ -191,15 +194,15 @@ def _claim_output(cfg: PrepareConfig) -> None:
     outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, first=[MANIFEST])
     # Recorded before writing, so a crash leaves them ours to delete next time.
     outputs.record_written(cfg.output, OWNER_MARKER, [f"split={s}" for s in (*SPLITS, REJECTED)]
-                           + [REJECTS, MANIFEST], cfg.storage)
+                           + [REJECTS, SKIPPED, MANIFEST], cfg.storage)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     """Count what was written (Arrow aggregations over the small columns only: no pixels, no
-    per-row Python objects), move rejects into rejects.parquet, and build the manifest."""
+    per-row Python objects), move rejects into rejects.parquet, list the ignored files in
+    skipped.parquet, and build the manifest."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
     fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
     base = storage.strip_scheme(cfg.output)
@@ -240,8 +243,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         reject_table = pa.table({"path": r["path"], "reason": reason, "detail": detail})
     else:
         reject_table = pa.table({n: pa.array([], pa.string()) for n in ("path", "reason", "detail")})
-    with fs.open_output_stream(f"{base}/{REJECTS}") as out:
-        pq.write_table(reject_table, out)
+    storage.write_parquet_atomic(storage.join(cfg.output, REJECTS), reject_table, cfg.storage)
+    storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), listing.ignored.table(), cfg.storage)
     # The rejected partition only carried reject rows through the one streaming pass.
     storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
 
@@ -273,7 +276,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         },
         "rejects": {"count": reject_table.num_rows,
                     "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
-        "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
+        "ignored": {"count": len(listing.ignored), "by_reason": listing.ignored.counts(), "listed_in": SKIPPED},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
         "small_classes": {c: n for c in cfg.classes if (n := sum(counts[s][c] for s in SPLITS)) < MIN_CLASS_ROWS},
         **({"faces": {**cfg.faces.model_dump(), "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}
@@ -290,7 +293,7 @@ def _pictures_by_faces(kept: pa.Table, rejects: pa.Table) -> dict[str, int]:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest. The input trees are only ever read."""
-    from emotion_ray.runtime import init_ray
+    from emotion_ray import runtime
 
     file_groups = read_group_file(cfg)  # a bad CSV fails before any listing or cluster work
     listing = list_labelled_files(cfg)
@@ -299,7 +302,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)
-        init_ray()
+        runtime.init_ray()
+        sources.check_decode_fits(DECODE_BATCH, cfg.image_size, cfg.faces, runtime.node_capacities())
         manifest = _write_dataset(cfg, listing, keys)
         lock.check()  # still ours: another run did not take the output over while this one stalled
         storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)

@@ -125,3 +125,21 @@ def bound_actor_wait(dataset, seconds: float) -> None:
     """Make a dataset's actor pool give up (GetTimeoutError) if its initial actors have not
     started within `seconds`: by default Ray waits forever for resources no node has."""
     dataset.context.wait_for_min_actors_s = seconds
+
+
+def node_capacities() -> list[dict[str, float]] | None:
+    """Each alive node's total resources (`CPU`, `GPU`, `memory` in bytes); None when no alive
+    node has a CPU: an autoscaling cluster's head, whose worker node sizes are not known yet."""
+    import ray
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return nodes if any(n.get("CPU", 0) > 0 for n in nodes) else None
+
+
+def fits_a_node(demand: dict[str, float], nodes: list[dict[str, float]]) -> bool:
+    """Whether one node has every resource of `demand` (a task or actor runs on one node).
+
+    Ray does not fail such a request: it waits for a node that will never come (the
+    "No available node types can fulfill" warning), so callers check before they start.
+    """
+    return any(all(node.get(name, 0) >= amount for name, amount in demand.items() if amount) for node in nodes)

@@ -7,7 +7,9 @@ files, each written whole or not at all.
 
 Resumable and idempotent: a re-run with the same output reads the paths already written and
 scores only the rest, so an interrupted job ends with no duplicates and no gaps. `_SUCCESS.json`
-(the summary) is written last: output without it is incomplete.
+(the summary) is written last: output without it is incomplete. `_skipped.parquet` (path, reason)
+lists the files the inputs held that were not scored (hidden, not an image, an unreadable
+archive, ...): its leading `_` keeps it out of the predictions for Parquet dataset readers.
 
 Output columns: path, label, confidence, prob_<class> per class, model_id, width, height (of the
 original image), error (null when fine), scored_at (UTC).
@@ -16,7 +18,6 @@ original image), error (null when fine), scored_at (UTC).
 from __future__ import annotations
 
 import datetime as dt
-import io
 import time
 import uuid
 from collections import Counter
@@ -25,17 +26,19 @@ from typing import Any
 import pyarrow as pa
 
 from emotion_ray import outputs, runtime, sources, storage
+from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.inference import Predictor, resolve_model
 
 SUCCESS = "_SUCCESS.json"
+SKIPPED = "_skipped.parquet"
 OWNER_MARKER = "_emotion_ray_scores"
 PART_PATTERN = "part-*.parquet"
 # Error reasons a re-run scores again (retry_errors): the file may be there, or readable, next time.
 # Permanent ones (not_an_image, truncated, too_large, ...) are kept.
 TRANSIENT_ERRORS = ("unreadable",)
-WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS]  # what score writes (for markers without a list)
+WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS, SKIPPED]  # what score writes (for markers without a list)
 
 
 class _PartWriter:
@@ -56,14 +59,10 @@ class _PartWriter:
     def flush(self) -> None:
         if not self.pending_rows:
             return
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(pa.concat_tables(self.pending), buf)
         name = f"part-{self.run_id}-{self.files:05d}.parquet"
         self.lock.check()  # never write into an output another run has taken over
         outputs.record_written(self.output, OWNER_MARKER, [name], self.storage_cfg)
-        storage.write_bytes_atomic(storage.join(self.output, name), buf.getvalue(), self.storage_cfg)
+        storage.write_parquet_atomic(storage.join(self.output, name), pa.concat_tables(self.pending), self.storage_cfg)
         self.files += 1
         self.pending, self.pending_rows = [], 0
 
@@ -157,7 +156,16 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         return _score_locked(cfg, paths, skipped, bundle, lock, show_progress)
 
 
-def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, lock: outputs.OutputLock,
+def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
+    """StageError, before any work starts, for a decode task or predictor no node can hold."""
+    nodes = runtime.node_capacities()
+    sources.check_decode_fits(cfg.batch_size, image_size, faces, nodes)
+    if nodes is not None and not runtime.fits_a_node({"CPU": cfg.cpus_per_predictor}, nodes):
+        raise StageError(f"cpus_per_predictor {cfg.cpus_per_predictor:g}: no node has that many CPUs "
+                         f"(the largest has {max(n.get('CPU', 0) for n in nodes):g})")
+
+
+def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, bundle, lock: outputs.OutputLock,
                   show_progress: bool) -> dict[str, Any]:
     import ray
     from tqdm import tqdm
@@ -173,6 +181,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     first_batch_s, first_batch_pictures = None, 0  # when the first scored batch arrived, and its pictures
     if todo:
         runtime.init_ray()
+        _check_fits(cfg, bundle.image_size, faces)
         ds = sources.listing_dataset(pa.table({"path": todo}), bundle.image_size)
         # Decoding outruns prediction on CPUs: without a cap the backlog of decoded images grows
         # with the input until it fills Ray Data's default budget (a large share of RAM).
@@ -193,7 +202,8 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
             batch_size=cfg.batch_size,
             compute=_predictor_pool(cfg),
             # The model travels through the object store, not inside the UDF.
-            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size},
+            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size,
+                                   "min_confidence": cfg.min_confidence},
             num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_predictor,
         )
@@ -242,8 +252,10 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "incomplete_pictures_rescored": repaired["incomplete_pictures"],
         "errors_retried": repaired["errors_retried"],
         "labels": dict(sorted(labels.items())),
+        "uncertain": labels[UNCERTAIN],  # rows below min_confidence (also among labels)
         "errors": dict(errors),
-        "skipped_inputs": dict(skipped),
+        "skipped_inputs": skipped.counts(),
+        "skipped_listed_in": SKIPPED,
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
         "first_batch_seconds": round(first_batch_s, 2) if first_batch_s is not None else None,
@@ -251,6 +263,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     lock.check()
-    outputs.record_written(cfg.output, OWNER_MARKER, [SUCCESS], cfg.storage)
+    outputs.record_written(cfg.output, OWNER_MARKER, [SKIPPED, SUCCESS], cfg.storage)
+    storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), skipped.table(), cfg.storage)
     storage.write_json_atomic(storage.join(cfg.output, SUCCESS), summary, cfg.storage)
     return summary

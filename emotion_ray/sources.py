@@ -2,7 +2,9 @@
 
 Listing runs in the driver; `decode_table` is the Ray Data UDF that prepare and score (and
 predict, in-process) map over listed paths. One skip rule serves every listing: hidden files
-and folders, and files without an image extension, are counted by reason, never silently lost.
+and folders, and files without an image extension, are listed with their reason (`Skipped`),
+never silently lost. Listed paths are text as the `path` column writes them (storage.escape: a
+name that is not UTF-8 is escaped, losslessly) and are read by their real names (read_listed).
 
 Inputs: folders and `s3://` prefixes (`walk_folder`), zip and tar archives read in place
 (members named by fsspec's chained URL, see storage.member_uri), and `.txt` files listing one
@@ -17,13 +19,14 @@ import math
 import os
 import posixpath
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig
-from emotion_ray.errors import ConfigError
+from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import (decode_image, has_image_extension, open_image, pixels_to_arrow, read_and_decode,
                                 read_error, to_rgb_array)
 
@@ -54,19 +57,42 @@ def skip_reason(relative_path: str) -> str | None:
     return None
 
 
+@dataclass
+class Skipped:
+    """Files the inputs hold that are not inputs, each with why (path as listed, reason): the
+    counts by reason in a summary and the rows of its skipped.parquet come from this one list."""
+
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.rows.append((path, reason))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.rows))
+
+    def table(self) -> pa.Table:
+        return pa.table({"path": pa.array([p for p, _ in self.rows], pa.string()),
+                         "reason": pa.array([r for _, r in self.rows], pa.string())})
+
+
 def walk_folder(root: str, storage_cfg: StorageConfig) -> Iterator[tuple[str, str]]:
-    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted.
+    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted;
+    both as text for a `path` column (storage.escape: a name that is not UTF-8 is escaped).
 
     Local folder links are followed (a linked album is part of the tree), each real folder
     once: a link back up (`loop -> .`) neither hangs nor lists a file twice.
     """
     if not storage.is_s3(root):
-        yield from _walk_local(storage.strip_scheme(root))
+        for relative, path in _walk_local(storage.strip_scheme(root)):
+            yield storage.escape(relative), storage.escape(path)
         return
     fs = storage.filesystem(root, storage_cfg)
     base = storage.strip_scheme(root)
     for path in sorted(fs.find(base, withdirs=False)):
-        yield posixpath.relpath(path, base), "s3://" + path
+        yield storage.escape(posixpath.relpath(path, base)), storage.escape("s3://" + path)
 
 
 def _walk_local(base: str) -> Iterator[tuple[str, str]]:
@@ -85,29 +111,32 @@ def _walk_local(base: str) -> Iterator[tuple[str, str]]:
     yield from sorted(found)
 
 
-def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
-    """The paths a `.txt` list names: one per line, UTF-8 (a BOM is dropped), `#` comments and
-    blank lines skipped, CRLF fine; a relative path is relative to the list's own folder. Lines
-    that are not valid UTF-8 are skipped and counted (`undecodable_list_line`)."""
+def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
+    """The paths a `.txt` list names (as listed: storage.as_listed): one per line, UTF-8 (a BOM
+    is dropped), `#` comments and blank lines skipped, CRLF fine; a relative path is relative to
+    the list's own folder. Lines that are not valid UTF-8 are skipped and listed
+    (`undecodable_list_line`, the line's path escaped)."""
     fs = storage.filesystem(list_uri, storage_cfg)
-    skipped: Counter = Counter()
+    skipped = Skipped()
     folder = posixpath.dirname(list_uri) if storage.is_s3(list_uri) else os.path.dirname(os.path.abspath(list_uri))
     paths = []
     for raw in fs.cat_file(storage.strip_scheme(list_uri)).removeprefix(b"\xef\xbb\xbf").splitlines():
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            skipped["undecodable_list_line"] += 1
-            continue
+        line = raw.decode("utf-8", "surrogateescape").strip()
         if not line or line.startswith("#"):
             continue
         absolute = storage.is_s3(line) or line.startswith(("zip://", "tar://")) or os.path.isabs(line)
-        paths.append(line if absolute else storage.join(folder, line))
+        path = storage.as_listed(line if absolute else storage.join(folder, line))
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.add(path, "undecodable_list_line")
+            continue
+        paths.append(path)
     return paths, skipped
 
 
-def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
-    """Every image to score, sorted and de-duplicated, and what was skipped by reason.
+def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
+    """Every image to score (as listed: escaped), sorted and de-duplicated, and what was skipped, with why.
 
     Folders and prefixes contribute their image files; zip and tar archives (.zip, .tar,
     .tar.gz, .tgz, ...) their image members, read in place. A `.txt` file contributes every
@@ -115,12 +144,12 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
     be opened is skipped and counted, not fatal. Raises ConfigError for an input that does not exist.
     """
     paths: set[str] = set()
-    skipped: Counter = Counter()
+    skipped = Skipped()
 
     def add(relative: str, uri: str) -> None:
         reason = skip_reason(relative)
         if reason:
-            skipped[reason] += 1
+            skipped.add(uri, reason)
         else:
             paths.add(uri)
 
@@ -130,13 +159,13 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
         if item.endswith(".txt") and fs.isfile(base):
             listed, undecodable = read_path_list(item, storage_cfg)
             paths.update(listed)
-            skipped.update(undecodable)
+            skipped.rows += undecodable.rows
         elif storage.archive_protocol(item) and fs.isfile(base):
             try:
                 members = storage.archive_members(item, storage_cfg)
             except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
                 log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
-                skipped["unreadable_archive"] += 1
+                skipped.add(storage.escape(item), "unreadable_archive")
                 continue
             for member in members:
                 add(member, storage.member_uri(item, member))
@@ -144,7 +173,7 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
             for relative, uri in walk_folder(item, storage_cfg):
                 add(relative, uri)
         elif fs.isfile(base):
-            paths.add(("s3://" if storage.is_s3(item) else "") + base)
+            paths.add(storage.escape(("s3://" if storage.is_s3(item) else "") + base))
         else:
             raise ConfigError(f"input {item} does not exist")
     return sorted(paths), skipped
@@ -161,7 +190,7 @@ def _read(path: str, given: bytes | None, storage_cfg: StorageConfig, max_bytes:
     """A reader of one file's bytes that refuses, unread, a file declaring more than max_bytes."""
     if given is not None:
         return lambda: given
-    return lambda: storage.read_bytes(path, storage_cfg, max_bytes=max_bytes)
+    return lambda: storage.read_listed(path, storage_cfg, max_bytes=max_bytes)
 
 
 def _sha256(data: bytes | None, wanted: bool) -> str | None:
@@ -177,7 +206,8 @@ def _phash(picture, wanted: bool) -> int | None:
 def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
                  faces: FaceConfig | None = None, one_thread: bool = False, hash_files: bool = False,
                  perceptual_hash: bool = False) -> pa.Table:
-    """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member).
+    """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member;
+    as listed, i.e. escaped: storage.as_listed).
 
     A `data` column (binary), where present and not null, holds a file's bytes already (the
     MLflow model receives images this way); it is dropped from the result.
@@ -286,6 +316,26 @@ def decode_task_memory(batch_size: int, image_size: int, faces: FaceConfig | Non
     bench/RESULTS.md, score)."""
     detector = DETECTOR_MEMORY[faces.detector] if faces is not None and faces.enabled else 0
     return DECODE_WORKER_MEMORY + detector + 3 * batch_size * image_size**2 * 3
+
+
+def check_decode_fits(batch_size: int, image_size: int, faces: FaceConfig | None,
+                      nodes: list[dict[str, float]] | None) -> None:
+    """Raise StageError when no node in `nodes` (runtime.node_capacities; None: unknown, no
+    check) has the memory a decode task of `batch_size` pictures declares to Ray, naming the
+    largest batch that fits. Without the check Ray waits forever for such a node."""
+    from emotion_ray import runtime
+
+    need = decode_task_memory(batch_size, image_size, faces)
+    if nodes is None or runtime.fits_a_node({"CPU": 1, "memory": need}, nodes):
+        return
+    largest = max((n.get("memory", 0) for n in nodes if n.get("CPU", 0) >= 1), default=0)
+    per_picture = 3 * image_size**2 * 3
+    fits = max(0, int((largest - decode_task_memory(0, image_size, faces)) // per_picture))
+    raise StageError(
+        f"a decode task of {batch_size} pictures at {image_size} px needs {need / 2**30:.1f} GiB and no node has it "
+        f"(the largest has {largest / 2**30:.1f} GiB): lower batch_size"
+        + (f" to at most {fits}" if fits else " or image_size") + ", or add a bigger node"
+    )
 
 
 def listing_dataset(files: pa.Table, image_size: int):

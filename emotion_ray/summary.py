@@ -21,9 +21,12 @@ def main(demo_dir: str) -> int:
           f"({metrics['test_rows']} test images)")
     for label, m in metrics["per_class"].items():
         print(f"             {label:6s} precision {m['precision']:.3f}  recall {m['recall']:.3f}  n={m['support']}")
+    if metrics.get("ece_before") is not None:
+        print(f"calibration  temperature {metrics['temperature']:.2f} (fitted on val): test ECE "
+              f"{metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f}")
     print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {scores['labels']}, errors {scores['errors']})")
     print("             columns: path, label, confidence, prob_<class>, model_id, width, height, error, scored_at")
-    print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix}}.png")
+    print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix,reliability}}.png")
     print(f"MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}  "
           "(then open http://127.0.0.1:5000)")
     return 0

@@ -199,6 +199,7 @@ try:
         def predict(self, context, model_input, params=None):
             import pyarrow as pa
 
+            from emotion_ray import storage
             from emotion_ray.config import DecodeLimits, StorageConfig
             from emotion_ray.sources import decode_table
 
@@ -206,7 +207,7 @@ try:
             paths = list(model_input["path"]) if "path" in model_input else [None] * n
             images = list(model_input["image"]) if "image" in model_input else [None] * n
             data = [bytes(b) if isinstance(b, (bytes, bytearray)) else None for b in images]
-            paths = [p if isinstance(p, str) else f"<input row {i}>" for i, p in enumerate(paths)]
+            paths = [storage.as_listed(p) if isinstance(p, str) else f"<input row {i}>" for i, p in enumerate(paths)]
             batch = pa.table({"path": pa.array(paths, pa.string()), "data": pa.array(data, pa.binary())})
             decoded = decode_table(batch, self.predictor.bundle.image_size, DecodeLimits(), StorageConfig())
             frame = self.predictor(decoded).drop_columns(["model_id", "scored_at"]).to_pandas()

@@ -43,6 +43,15 @@ def test_score_defaults_follow_the_device():
     assert (chosen.batch_size, chosen.num_predictors) == (32, 3)
 
 
+def test_min_confidence_is_a_probability():
+    where = {"model": "m", "inputs": ["i"], "output": "o"}
+    assert build_config(ScoreConfig, where).min_confidence is None  # off by default
+    assert build_config(ScoreConfig, where, {"min_confidence": 0.7}).min_confidence == 0.7
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match="min_confidence"):
+            build_config(ScoreConfig, where, {"min_confidence": bad})
+
+
 def test_yaml_and_overrides_merge(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: d\nepochs: 4\nmodel:\n  dropout: 0.2\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PrepareConfig
 from emotion_ray.dataset import SPLITS, load_split, read_manifest
 from emotion_ray.prepare import prepare, split_of
@@ -77,6 +79,9 @@ def messy_tree(tmp_path) -> Path:
 
 
 def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_tree, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1): a row, its path escaped losslessly.
+    odd_name = os.path.join(os.fsencode(messy_tree / "sad"), b"espa\xf1a.jpg")
+    Image.new("RGB", (40, 40), (90, 20, 160)).save(odd_name, format="JPEG")
     before = tree_digest(messy_tree)
     out = tmp_path / "out"
     manifest = prepare(PrepareConfig(inputs=[str(messy_tree)], output=str(out), image_size=24, max_pixels=4_000_000))
@@ -93,9 +98,16 @@ def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_
     assert reasons == {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not_an_image",
                        "bomb.png": "too_large"}
     assert manifest["ignored"]["by_reason"] == {"hidden": 2, "not_in_class_folder": 1, "not_an_image_extension": 1}
-    # Every odd mode made it in as a row.
+    skipped = pq.read_table(out / manifest["ignored"]["listed_in"]).to_pylist()  # at the root: skipped.parquet
+    assert sorted((Path(r["path"]).relative_to(messy_tree).as_posix(), r["reason"]) for r in skipped) == [
+        (".hidden_dir/x.jpg", "hidden"), ("happy/.DS_Store", "hidden"), ("happy/README.txt", "not_an_image_extension"),
+        ("loose_file.jpg", "not_in_class_folder")]
+    # Every odd mode (and name) made it in as a row.
     names = {Path(r["path"]).name for r in rows}
-    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG"} <= names
+    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG",
+            "espa%F1a.jpg"} <= names
+    [odd] = [r for r in rows if r["path"].endswith("espa%F1a.jpg")]
+    assert os.fsencode(storage.unescape(odd["path"])) == odd_name and odd["label"] == "sad"
     # Counts in the manifest equal the rows per split and class.
     for split in SPLITS:
         for label, n in manifest["counts"][split].items():
@@ -169,6 +181,25 @@ def test_missing_class_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no images found for class\(es\) \['sad'\]"):
         prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"), image_size=16,
                               classes=["angry", "happy", "sad"]))
+
+
+@pytest.mark.fast
+def test_every_ignored_file_is_listed_with_its_reason(tmp_path):
+    """What skipped.parquet holds: each file found that is not an input, with why; the counts agree."""
+    from emotion_ray.prepare import list_labelled_files
+
+    root = tmp_path / "in"
+    for rel in ("happy/a.jpg", "sad/b.png", "angry/c.jpg", "happy/.d.jpg", "happy/notes.txt", "loose.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"listing reads no bytes")
+    listing = list_labelled_files(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"),
+                                                classes=["happy", "sad"]))
+    assert sorted((Path(p).relative_to(root).as_posix(), r) for p, r in listing.ignored.rows) == [
+        ("angry/c.jpg", "class_not_selected"), ("happy/.d.jpg", "hidden"), ("happy/notes.txt", "not_an_image_extension"),
+        ("loose.jpg", "not_in_class_folder")]
+    assert listing.ignored.counts() == {"class_not_selected": 1, "hidden": 1, "not_an_image_extension": 1,
+                                        "not_in_class_folder": 1}
+    assert listing.found == len(listing.files) + len(listing.ignored) == 6
 
 
 def test_output_safety_rules(ray_session, tmp_path):
@@ -392,10 +423,8 @@ def test_near_duplicate_pairs_match_every_pair_compared():
 
 @pytest.mark.fast
 def test_group_keys_from_a_pattern_and_a_csv(tmp_path):
-    names = {"/d/happy/ann_01.jpg": ("happy/ann_01.jpg", "ann_01.jpg"),
-             "/d/sad/ann_02.png": ("sad/ann_02.png", "ann_02.png"),
-             "/d/sad/s1/bob_7.jpg": ("sad/s1/bob_7.jpg", "s1/bob_7.jpg"),
-             "/d/sad/IMG_1.jpg": ("sad/IMG_1.jpg", "IMG_1.jpg")}
+    names = {uri: (uri, uri[len("/d/"):], uri[len("/d/"):].split("/", 1)[1])
+             for uri in ("/d/happy/ann_01.jpg", "/d/sad/ann_02.png", "/d/sad/s1/bob_7.jpg", "/d/sad/IMG_1.jpg")}
     csv_rows = groups.read_group_file(b"path,group,note\n./sad/s1/bob_7.jpg,robert,x\n/d/sad/IMG_1.jpg,ann,\n"
                                       b"happy/gone.jpg,zed,\nsad/ann_02.png,,\n", "g.csv")
     keys = groups.user_keys(names, r"([a-z]+)_\d+\.", csv_rows)

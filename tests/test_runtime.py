@@ -86,3 +86,12 @@ def test_bounded_actor_wait_and_inflight_cap_set_the_dataset_context(ray_session
     runtime.cap_inflight_bytes(ds, 123 * 1024**2)
     assert ds.context.wait_for_min_actors_s == 3.5
     assert ds.context.execution_options.resource_limits.object_store_memory == 123 * 1024**2
+
+
+@pytest.mark.fast
+def test_a_demand_fits_only_a_node_that_has_all_of_it():
+    nodes = [{"CPU": 8, "memory": 16e9}, {"CPU": 2, "GPU": 1, "memory": 64e9}]
+    assert runtime.fits_a_node({"CPU": 2, "memory": 60e9}, nodes)
+    assert runtime.fits_a_node({"CPU": 8, "GPU": 0}, nodes)  # a zero demand asks for nothing
+    assert not runtime.fits_a_node({"CPU": 4, "memory": 60e9}, nodes)  # the CPUs and the memory are on two nodes
+    assert not runtime.fits_a_node({"GPU": 2}, nodes)

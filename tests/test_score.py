@@ -15,25 +15,29 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
+from emotion_ray.errors import StageError
 from emotion_ray.inference import predict
 from emotion_ray.score import SUCCESS, read_scores, score
 from tests.conftest import run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
 SIZE = 32
+TEMPERATURE = 2.0
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model."""
+    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model.
+    Its fitted temperature (TEMPERATURE) runs every path here through the calibrated outputs."""
     from emotion_ray.config import ModelConfig
     from emotion_ray.model import build_model, save_model
 
     run = tmp_path_factory.mktemp("run")
     save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
-    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, "temperature": TEMPERATURE}))
     return run
 
 
@@ -50,12 +54,21 @@ def images_with_bad_files(tmp_path) -> Path:
 
 
 def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1) between two good ones: each is a row.
+    odd = os.fsencode(images_with_bad_files / "names")
+    os.makedirs(odd)
+    for name, source in ((b"ok_before.jpg", "angry_00001.jpg"), (b"espa\xf1a.jpg", "angry_00002.jpg"),
+                         (b"ok_after.png", "angry_00003.jpg")):
+        shutil.copy(images_with_bad_files / "angry" / source, os.path.join(odd, name))
     out = tmp_path / "scores"
     summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
                                 batch_size=4), show_progress=False)
     table = read_scores(str(out)).to_pylist()
-    files = sorted(str(p) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
+    files = sorted(storage.escape(str(p)) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
     assert sorted(r["path"] for r in table) == files  # every image file exactly once
+    [escaped] = [r for r in table if "espa" in r["path"]]
+    assert escaped["path"].endswith("/names/espa%F1a.jpg") and escaped["error"] is None
+    assert os.path.isfile(os.fsencode(storage.unescape(escaped["path"])))  # the text leads back to the file
     errors = {Path(r["path"]).name: r["error"].split(":")[0] for r in table if r["error"]}
     assert errors == {"empty.jpg": "empty", "not_really.png": "not_an_image", "cut.jpg": "truncated"}
     for r in table:
@@ -68,6 +81,9 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
     assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
     assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    skipped = pq.read_table(out / summary["skipped_listed_in"]).to_pylist()
+    assert skipped == [{"path": str(images_with_bad_files / "notes.txt"), "reason": "not_an_image_extension"}]
+    assert pq.read_table(out).num_rows == len(files)  # Parquet readers of the folder see predictions only
     # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
     assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
@@ -111,6 +127,8 @@ def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images
     errors = sorted(r["error"].split(":")[0] for r in rows.values() if r["error"])
     assert errors == sorted(["empty", "not_an_image", "truncated"] * 2)
     assert summary["skipped_inputs"] == {"unreadable_archive": 1, "hidden": 2, "not_an_image_extension": 2}
+    skipped = pq.read_table(out / "_skipped.parquet").to_pylist()
+    assert len(skipped) == 5 and {"path": str(archives / "damaged.zip"), "reason": "unreadable_archive"} in skipped
     assert _tree_hash(archives) == before  # read in place, never unpacked or changed
 
     # A member scores exactly as the same file on disk does (one preprocessing path).
@@ -212,26 +230,69 @@ def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, mode
     assert not read_scores(str(tmp_path / "scores")).num_rows
 
 
-def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, images_with_bad_files, tmp_path):
+def test_requests_no_node_can_hold_fail_at_once_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
+                                                                   tmp_path):
+    # Ray would wait forever for a node with this much memory (or this many CPUs).
+    base = {"model": str(model_dir), "inputs": [str(images_with_bad_files)], "output": str(tmp_path / "scores")}
+    with pytest.raises(StageError, match=r"decode task of 10000000 pictures at 32 px needs .* lower batch_size to at "
+                                         r"most \d+"):
+        score(ScoreConfig(**base, batch_size=10_000_000), show_progress=False)
+    with pytest.raises(StageError, match="cpus_per_predictor 4096: no node has that many CPUs"):
+        score(ScoreConfig(**base, cpus_per_predictor=4096), show_progress=False)
+    assert not read_scores(str(tmp_path / "scores")).num_rows
+
+
+def test_predict_gives_exactly_the_scores_probabilities_and_abstentions(ray_session, model_dir,
+                                                                       images_with_bad_files, tmp_path):
+    from emotion_ray.calibration import apply_temperature
+
+    images = sorted(str(p) for p in images_with_bad_files.rglob("*_0000*"))  # the demo pictures
+    plain = {r["path"]: r for r in predict(PredictConfig(model=str(model_dir), inputs=images))}
+    # A threshold amid the confidences: the rows below it abstain, the one at it does not.
+    threshold = float(np.median([r["confidence"] for r in plain.values()]))
+    unsure = {path for path, r in plain.items() if r["confidence"] < threshold}
+    assert 0 < len(unsure) < len(plain)
     out = tmp_path / "scores"
-    score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out), batch_size=8),
-          show_progress=False)
+    summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
+                                batch_size=8, min_confidence=threshold), show_progress=False)
     scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
-    some = sorted(scored)[:5]
-    for result in predict(PredictConfig(model=str(model_dir), inputs=some)):
+    assert summary["uncertain"] == summary["labels"]["uncertain"] == len(unsure)
+    for path, r in plain.items():
+        row = scored[path]
+        assert row["label"] == ("uncertain" if path in unsure else r["label"]) and r["label"] in CLASSES
+        assert row["confidence"] == r["confidence"]
+        for c in CLASSES:
+            assert r["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close; written when uncertain
+    errors = sorted(p for p in scored if scored[p]["error"])  # an error, never `uncertain`
+    some = errors[:2] + sorted(unsure)[:2] + sorted(set(plain) - unsure)[:2]
+    assert len(some) == 6
+    for result in predict(PredictConfig(model=str(model_dir), inputs=some, min_confidence=threshold)):
         row = scored[result["path"]]
         assert result["label"] == row["label"] and result["error"] == row["error"]
         for c in CLASSES:
-            assert result["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close
+            assert result["probabilities"][c] == row[f"prob_{c}"]
+
+    # A run without a stored temperature (older runs) outputs the raw softmax: T = 1.
+    old = tmp_path / "old_run"
+    shutil.copytree(model_dir, old)
+    (old / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    for r in predict(PredictConfig(model=str(old), inputs=images[:3])):
+        raw = np.array([[r["probabilities"][c] for c in CLASSES]])
+        calibrated = [plain[r["path"]]["probabilities"][c] for c in CLASSES]
+        np.testing.assert_allclose(calibrated, apply_temperature(raw, TEMPERATURE)[0], rtol=1e-6)
+        assert max(calibrated) < r["confidence"]  # T > 1: softer than the raw softmax
 
 
 def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
     image = str(sorted((images_with_bad_files / "sad").glob("sad_*"))[0])
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", image, "--model", str(model_dir),
-                          "--json"], capture_output=True, text=True, timeout=300)
+                          "--json", "--min-confidence", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     [row] = json.loads(res.stdout)
-    assert row["label"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
+    # Nothing reaches a confidence of 1: the row abstains, its probabilities still there.
+    assert row["label"] == "uncertain" and set(row["probabilities"]) == set(CLASSES)
+    assert row["confidence"] == max(row["probabilities"].values())
+    assert "1 of 1 rows uncertain (top probability below 1)" in res.stderr
 
 
 def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp_path):

@@ -54,7 +54,7 @@ def test_two_workers_beat_chance_on_the_test_split(trained):
 def test_run_directory_holds_everything(trained):
     result, run_dir, _ = trained
     for name in ("model.keras", "labels.json", "config.yaml", "history.csv", "metrics.json",
-                 "loss.png", "accuracy.png", "confusion_matrix.png"):
+                 "loss.png", "accuracy.png", "confusion_matrix.png", "reliability.png"):
         assert (run_dir / name).stat().st_size > 0, name
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, result["epochs_run"] + 1))
@@ -63,8 +63,16 @@ def test_run_directory_holds_everything(trained):
         assert col in history
     # The saved model is the best epoch's: lowest val_loss.
     assert result["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
-    assert json.loads((run_dir / "labels.json").read_text())["classes"] == ["angry", "happy", "sad"]
-    assert json.loads((run_dir / "metrics.json").read_text())["categorical_accuracy"] == result["categorical_accuracy"]
+    labels = json.loads((run_dir / "labels.json").read_text())
+    assert labels["classes"] == ["angry", "happy", "sad"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["categorical_accuracy"] == result["categorical_accuracy"]
+    # Calibration: T fitted on val, stored where the Predictor reads it, ECE on test before and after.
+    assert labels["temperature"] == metrics["temperature"] > 0
+    assert 0 <= metrics["ece_before"] <= 1 and 0 <= metrics["ece_after"] <= 1
+    calibration = metrics["calibration"]
+    assert calibration["val_rows"] > 10 and calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9
+    assert sum(calibration["reliability_after"]["count"]) == result["test_rows"]
 
 
 def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo):
@@ -95,7 +103,8 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert len(val_loss) == result["epochs_run"]
     assert run.data.metrics["test_categorical_accuracy"] == pytest.approx(result["categorical_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png"} <= artifacts
+    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png", "reliability.png"} <= artifacts
+    assert run.data.metrics["test_ece_after"] == pytest.approx(result["ece_after"])
     assert result["registered_model"] == "models:/test_emotion/1"
     assert client.get_model_version("test_emotion", "1").status == "READY"
 
