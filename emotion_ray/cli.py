@@ -110,6 +110,14 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
         lines.append(f"  {split:5s} {sum(per_class.values()):6d}  " + "  ".join(f"{c}={n}" for c, n in per_class.items()))
     if m["duplicates"]["duplicate_rows"]:
         lines.append(f"  exact duplicates: {m['duplicates']['duplicate_rows']} rows in {m['duplicates']['groups']} groups")
+    g = m.get("groups", {})
+    if "groups" in g:
+        lines.append(f"  groups: {g['groups']} ({g['groups_of_several_pictures']} of several pictures, largest "
+                     f"{g['largest_group_pictures']}), near-duplicate pairs {g['near_duplicate_pairs']}; "
+                     f"{g['groups_straddling_hash_split']} would have straddled a plain hash split")
+        if g["groups_across_splits"]:
+            lines.append(f"  warning: {g['groups_across_splits']} groups cross the given splits (near-duplicates or "
+                         "one group key in two of train/val/test): test figures may measure memory")
     for kind, listed_in in (("rejects", "rejects.parquet"), ("ignored", m["ignored"].get("listed_in"))):
         if m[kind]["by_reason"]:
             lines.append(f"  {kind} by reason: {m[kind]['by_reason']}" + (f" (paths: {listed_in})" if listed_in else ""))

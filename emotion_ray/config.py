@@ -8,6 +8,7 @@ keys are errors, so a typo never silently falls back to a default. Defaults run 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,10 +86,43 @@ class PrepareConfig(DecodeLimits):
     split_by: Literal["hash", "folder"] = Field(
         "hash", description="hash: splits from each file's sha256 and `splits`; folder: each input holds "
         "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders.")
+    # Bits of 64, measured (README, prepare; emotion_ray/groups.py): resized (0.5-1.5x) and
+    # re-encoded (JPEG quality 30-90) copies come within 0-8 bits, mostly 0-4; a crop of 1 % of
+    # each side within 6 for 97 % of pictures, of 3 % for only half. Of the 32 million pairs among
+    # 8,000 FER2013 faces, about 1 in 100,000 came within 6 bits (most of those near-copies by eye)
+    # and groups stayed small (largest 9 faces), where 8 bits chained 61 faces and 10 bits 555.
+    # pHash sets exactly 32 of its 64 bits, so distances are even: 6 and 7 group the same pairs.
+    near_duplicate_distance: int = Field(
+        6, ge=0, le=32, description="Pictures whose perceptual hashes (pHash, 64 bits) differ in at most this "
+        "many bits share a group, and so a split. 0: off (exact copies still share one).")
+    group_pattern: str | None = Field(
+        None, description="Regular expression searched in each file's path within its class folder; its first "
+        "capture group is the file's group key (e.g. the person: `^([a-z]+)_\\d+`). Files with one key share a split.")
+    group_file: str | None = Field(
+        None, description="CSV (local or s3://) with a header row and columns `path` (relative to the input root, "
+        "or the full path) and `group`: files with one group share a split.")
     rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
     faces: FaceConfig = Field(default_factory=FaceConfig)
     overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern_has_a_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
+        if compiled.groups < 1:
+            raise ValueError(f"needs a capture group, the group key, e.g. ^([a-z]+)_\\d+ ; got {value!r}")
+        return value
+
+    @property
+    def grouping(self) -> bool:
+        """Whether splits need the global grouping pass (near-duplicates or user groups)."""
+        return self.near_duplicate_distance > 0 or self.group_pattern is not None or self.group_file is not None
 
     @field_validator("classes")
     @classmethod

@@ -197,8 +197,15 @@ def _sha256(data: bytes | None, wanted: bool) -> str | None:
     return hashlib.sha256(data).hexdigest() if wanted and data is not None else None
 
 
+def _phash(picture, wanted: bool) -> int | None:
+    from emotion_ray.groups import perceptual_hash
+
+    return perceptual_hash(picture) if wanted and picture is not None else None
+
+
 def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
-                 faces: FaceConfig | None = None, one_thread: bool = False, hash_files: bool = False) -> pa.Table:
+                 faces: FaceConfig | None = None, one_thread: bool = False, hash_files: bool = False,
+                 perceptual_hash: bool = False) -> pa.Table:
     """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member;
     as listed, i.e. escaped: storage.as_listed).
 
@@ -209,16 +216,17 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     `width`/`height` (the displayed original's pixels), `error` (null, or "reason: detail") and
     `content_hash` (sha256 hex of the file's bytes with `hash_files`, which costs about a tenth of
     a JPEG's decode; else null; null when unreadable). Never raises for a
-    bad file: it becomes a row with an error.
+    bad file: it becomes a row with an error. With `perceptual_hash`, a last column `phash`
+    (uint64, groups.perceptual_hash of the picture as decoded, null on error).
 
     With `faces` on (see decode_faces), a picture gives a row per face instead, with FACE_FIELDS
     before those columns. `one_thread`: this runs in a one-CPU Ray task (detector libraries
     otherwise start a thread per core in every task).
     """
     if faces is not None and faces.enabled:
-        return decode_faces(batch, image_size, limits, storage_cfg, faces, one_thread, hash_files)
+        return decode_faces(batch, image_size, limits, storage_cfg, faces, one_thread, hash_files, perceptual_hash)
     batch, given = _given_bytes(batch)
-    pixels, widths, heights, errors, digests = [], [], [], [], []
+    pixels, widths, heights, errors, digests, phashes = [], [], [], [], [], []
     for path, data in zip(batch["path"].to_pylist(), given):
         data, decoded = read_and_decode(_read(path, data, storage_cfg, limits.max_file_bytes), image_size,
                                         max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
@@ -227,15 +235,17 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         heights.append(decoded.height)
         errors.append(decoded.error)
         digests.append(_sha256(data, hash_files))
+        phashes.append(_phash(decoded.pixels, perceptual_hash))
     added = [pixels_to_arrow(pixels), pa.array(widths, pa.int32()), pa.array(heights, pa.int32()),
              pa.array(errors, pa.string()), pa.array(digests, pa.string())]
     for (name, _), column in zip(DECODED_FIELDS, added):
         batch = batch.append_column(name, column)
-    return batch
+    return batch.append_column("phash", pa.array(phashes, pa.uint64())) if perceptual_hash else batch
 
 
 def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
-                 faces: FaceConfig, one_thread: bool = False, hash_files: bool = False) -> pa.Table:
+                 faces: FaceConfig, one_thread: bool = False, hash_files: bool = False,
+                 perceptual_hash: bool = False) -> pa.Table:
     """`decode_table` with faces on: each picture gives one row per face it keeps.
 
     The picture is decoded at up to max(640, 4 x image_size) px on its shorter side (JPEG draft
@@ -244,7 +254,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     Boxes (`box_*`) are pixels of the displayed original. A picture without a face gives one row:
     an error `no_face`, or with `no_face: whole_image` the whole picture and a null face_index.
     A picture that cannot be decoded gives one error row. Columns: as decode_table's, with
-    FACE_FIELDS after `batch`'s own.
+    FACE_FIELDS after `batch`'s own; every row of a picture has the whole picture's `phash`.
     """
     from emotion_ray import faces as faces_lib
 
@@ -252,7 +262,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         faces_lib.use_one_thread(faces.detector)
     detector = faces_lib.get_detector(faces.detector)
     batch, given = _given_bytes(batch)
-    source_rows, pixels, face_columns, decoded_columns = [], [], [], []
+    source_rows, pixels, face_columns, decoded_columns, phashes = [], [], [], [], []
     for i, (path, data) in enumerate(zip(batch["path"].to_pylist(), given)):
         try:
             data = _read(path, data, storage_cfg, limits.max_file_bytes)()
@@ -266,9 +276,10 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         digest = _sha256(data, hash_files)
         size = (opened.width, opened.height) if opened is not None else (None, None)
         if error:
-            chosen = []
+            chosen, phash = [], None
         else:
             rgb = to_rgb_array(opened.image)
+            phash = _phash(rgb, perceptual_hash)
             scale = opened.scale
             chosen = faces_lib.select_faces(detector.detect(rgb), faces.mode, min_size=round(faces.min_size / scale))
         for index, face in enumerate(chosen):
@@ -277,6 +288,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
             face_columns.append((index, round(face.x * scale), round(face.y * scale), round(face.w * scale),
                                  round(face.h * scale), face.score, len(chosen)))
             decoded_columns.append((*size, None, digest))
+            phashes.append(phash)
         if not chosen:
             source_rows.append(i)
             face_columns.append((None,) * 6 + (0,))
@@ -287,13 +299,14 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
                 pixels.append(None)
                 error = error or f"no_face: the {faces.detector} detector found no face"
             decoded_columns.append((*size, error, digest))
+            phashes.append(phash)
     out = batch.take(pa.array(source_rows, pa.int64()))
     for j, (name, kind) in enumerate(FACE_FIELDS):
         out = out.append_column(name, pa.array([row[j] for row in face_columns], kind))
     out = out.append_column("image", pixels_to_arrow(pixels))
     for j, (name, kind) in enumerate(DECODED_FIELDS[1:]):
         out = out.append_column(name, pa.array([row[j] for row in decoded_columns], kind))
-    return out
+    return out.append_column("phash", pa.array(phashes, pa.uint64())) if perceptual_hash else out
 
 
 def decode_task_memory(batch_size: int, image_size: int, faces: FaceConfig | None = None) -> int:
