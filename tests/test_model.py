@@ -47,6 +47,7 @@ def test_scaling_lives_in_the_model():
 
 @pytest.mark.parametrize("arch", ["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"])
 def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp_path):
+    # mobilenet_v3_small and efficientnet_b0: in their own tests below (each backbone is slow to build).
     cfg = ModelConfig(architecture=arch, dropout=0.2, augmentation=FACE_AUG)
     size = 32
     model = compile_model(build_model(cfg, 3, size), 1e-3)
@@ -71,17 +72,136 @@ def test_forward_pass_is_predict_in_inference_mode_for_any_batch_size():
     assert forward.experimental_get_tracing_count() == 1  # one trace for every batch size
 
 
-def test_backbone_weights_come_from_a_given_file(tmp_path):
-    from emotion_ray.model import keras
+def _backbone_weights_file(arch: str, path, size: int = 32, seed: int = 0):
+    """A backbone built as model.py builds it (weights=None), with random BatchNorm statistics and,
+    for EfficientNet, an ImageNet-like Normalization, saved with save_weights to `path`."""
+    from emotion_ray.model import BACKBONES
+
+    constructor, options, _ = BACKBONES[arch]
+    source = constructor(input_shape=(size, size, 3), include_top=False, weights=None, **options)
+    rng = np.random.default_rng(seed)
+    for layer in source.layers:
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Normalization)):
+            layer.set_weights([rng.uniform(0.1, 1.0, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    source.save_weights(str(path))
+    return source
+
+
+def _backbone(model):
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+@pytest.mark.parametrize("arch, name", [("mobilenet_v2", "backbone.weights.h5"), ("mobilenet_v3_small", "b.h5")])
+def test_backbone_weights_come_from_a_given_file(arch, name, tmp_path):
+    """Both HDF5 layouts save_weights writes (Keras v3 `.weights.h5`, legacy `.h5`) load, whatever the name."""
+    size = 32
+    source = _backbone_weights_file(arch, tmp_path / name, size)
+    (tmp_path / name).rename(tmp_path / "renamed.bin")  # the layout is read from the contents
+    cfg = ModelConfig(architecture=arch, backbone_weights=str(tmp_path / "renamed.bin"), dropout=0.2)
+    model = build_model(cfg, 3, size)
+    assert model.input.dtype == "uint8" and model.output_shape == (None, 3)
+    loaded = _backbone(model).get_weights()
+    assert len(loaded) == len(source.get_weights())
+    for a, b in zip(source.get_weights(), loaded):
+        np.testing.assert_array_equal(a, b)
+    if arch == "mobilenet_v2":
+        return
+    # Pretrained: the backbone runs in inference mode (its BatchNorm statistics stay), also in fit.
+    x = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    compile_model(model, 1e-3).fit(x, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
+    moving = [w for w in _backbone(model).weights if "moving" in w.name]
+    assert moving and all(np.array_equal(w.numpy(), s.numpy()) for w, s in
+                          zip(moving, [w for w in source.weights if "moving" in w.name]))
+
+
+def test_a_backbone_model_sees_a_colour_image_as_its_grey_version_and_reloads(tmp_path):
+    model = build_model(ModelConfig(architecture="mobilenet_v3_small", grey=True, dropout=0.2,
+                                    augmentation=FACE_AUG), 3, 32)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds[:2] == ["InputLayer", "Rescaling"] and kinds[-4:] == ["Functional", "GlobalAveragePooling2D",
+                                                                         "Dropout", "Dense"]
+    assert {"RandomFlip", "RandomBrightness"} <= set(kinds) and kinds.index("Dense") > kinds.index("RandomBrightness")
+    colour = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    luma = np.rint(colour.astype("float64") @ np.array(GREY_WEIGHTS)).astype(np.uint8)
+    grey = np.repeat(luma[..., None], 3, axis=-1)
+    probs = model.predict(colour, verbose=0)
+    np.testing.assert_allclose(probs, model.predict(grey, verbose=0), atol=2e-3)
+    # MobileNetV3's hard-swish arithmetic (TFOpLambda layers) loads in safe mode.
+    save_model(compile_model(model, 1e-3), str(tmp_path / "m.keras"))
+    np.testing.assert_array_equal(load_model(str(tmp_path / "m.keras")).predict(colour, verbose=0), probs)
+
+
+def test_imagenet_weights_are_downloaded_once_and_efficientnets_normalisation_folded(tmp_path, monkeypatch):
+    """`imagenet` goes through Keras' get_file (here from a local HTTP server standing in for Google's:
+    nothing here reaches the internet) into a cache, read again without a download; EfficientNet's
+    ImageNet correction (x / sqrt(stddev) after Normalization) lands in the variance."""
+    import hashlib
+    import http.server
+    import threading
+
+    from emotion_ray import backbones
 
     size = 32
-    source = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None, alpha=0.35)
-    weights = tmp_path / "backbone.weights.h5"
-    source.save_weights(weights)
-    model = build_model(ModelConfig(architecture="mobilenet_v2", backbone_weights=str(weights)), 3, size)
-    backbone = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
-    for a, b in zip(source.get_weights(), backbone.get_weights()):
-        np.testing.assert_array_equal(a, b)
+    source = _backbone_weights_file("efficientnet_b0", tmp_path / "efficientnetb0_notop.h5", size)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/efficientnetb0_notop.h5"
+        md5 = hashlib.md5((tmp_path / "efficientnetb0_notop.h5").read_bytes()).hexdigest()
+        monkeypatch.setitem(backbones.IMAGENET_FILES, "efficientnet_b0", (url, md5))
+        cfg = ModelConfig(architecture="efficientnet_b0", backbone_weights="imagenet")
+        data = backbones.resolve_weights(cfg, cache_dir=str(tmp_path / "keras"))
+        again = backbones.resolve_weights(cfg, cache_dir=str(tmp_path / "keras"))
+        assert data == again == (tmp_path / "efficientnetb0_notop.h5").read_bytes() and len(requests) == 1
+        monkeypatch.setitem(backbones.IMAGENET_FILES, "efficientnet_b0", (url + ".missing", md5))
+        with pytest.raises(ConfigError, match="could not download .*local or s3:// path"):
+            backbones.resolve_weights(cfg, cache_dir=str(tmp_path / "other"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    model = build_model(cfg, 3, size, backbone_weights=data)
+    norm = next(layer for layer in _backbone(model).layers if isinstance(layer, keras.layers.Normalization))
+    source_norm = next(layer for layer in source.layers if isinstance(layer, keras.layers.Normalization))
+    (mean, variance, _), (src_mean, src_variance, _) = norm.get_weights(), source_norm.get_weights()
+    np.testing.assert_array_equal(mean, src_mean)
+    np.testing.assert_allclose(variance, src_variance * np.array([0.229, 0.224, 0.225]), rtol=1e-6)
+    others = [w for w in _backbone(model).weights if "normalization" not in w.name]
+    assert all(np.array_equal(w.numpy(), s.numpy()) for w, s in
+               zip(others, [w for w in source.weights if "normalization" not in w.name]))
+    # The folded variance is what the saved model holds and uses.
+    x = np.random.default_rng(2).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+    save_model(model, str(tmp_path / "m.keras"))
+    np.testing.assert_array_equal(load_model(str(tmp_path / "m.keras")).predict(x, verbose=0),
+                                  model.predict(x, verbose=0))
+
+
+def test_imagenet_files_are_the_ones_keras_applications_fetch():
+    from tf_keras.src.applications import efficientnet, mobilenet_v2, mobilenet_v3
+
+    from emotion_ray.backbones import IMAGENET_FILES
+    from emotion_ray.config import BACKBONE_ARCHITECTURES
+    from emotion_ray.model import BACKBONES
+
+    assert set(IMAGENET_FILES) == set(BACKBONES) == set(BACKBONE_ARCHITECTURES)
+    assert IMAGENET_FILES["mobilenet_v2"][0] == (
+        mobilenet_v2.BASE_WEIGHT_PATH + "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_"
+        f"{float(BACKBONES['mobilenet_v2'][1]['alpha'])}_224_no_top.h5")
+    assert IMAGENET_FILES["mobilenet_v3_small"] == (
+        mobilenet_v3.BASE_WEIGHT_PATH + "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        mobilenet_v3.WEIGHTS_HASHES["small_224_1.0_float"][1])
+    assert IMAGENET_FILES["efficientnet_b0"] == (efficientnet.BASE_WEIGHTS_PATH + "efficientnetb0_notop.h5",
+                                                 efficientnet.WEIGHTS_HASHES["b0"][1])
+    assert efficientnet.IMAGENET_STDDEV_RGB == [0.229, 0.224, 0.225]
 
 
 def _trained_seed_cnn(size: int = 32):
@@ -182,6 +302,12 @@ def test_face_cnn_sees_a_colour_image_as_its_grey_version():
     np.testing.assert_allclose(model.predict(colour, verbose=0), model.predict(grey, verbose=0), atol=2e-3)
     # And the channels are mixed only by luma: swapping red and blue of a grey image changes nothing.
     np.testing.assert_array_equal(model.predict(grey, verbose=0), model.predict(grey[..., ::-1], verbose=0))
+    # Fine-tuning after frozen epochs unfreezes the reused layers, never the fixed luma.
+    from emotion_ray.model import set_reused_trainable
+
+    set_reused_trainable(model, False)
+    set_reused_trainable(model, True)
+    assert not grey_layer.trainable and all(layer.trainable for layer in model.layers if layer is not grey_layer)
 
 
 def test_face_cnn_trains_with_every_face_augmentation():
