@@ -115,26 +115,6 @@ def test_backbone_architectures_and_their_weights_are_validated():
     assert not pretrained.model_copy(update={"backbone_weights": None}).pretrained_backbone
 
 
-def test_backbone_weights_file_is_checked_by_the_driver(tmp_path):
-    from emotion_ray.backbones import HDF5_MAGIC, resolve_weights
-    from emotion_ray.config import ModelConfig
-
-    def model(weights):
-        return ModelConfig(architecture="efficientnet_b0", backbone_weights=str(weights))
-
-    with pytest.raises(ConfigError, match=f"no file at {tmp_path}/missing.h5"):
-        resolve_weights(model(tmp_path / "missing.h5"))
-    with pytest.raises(ConfigError, match="no file at"):
-        resolve_weights(model(tmp_path))  # a folder
-    (tmp_path / "model.keras").write_bytes(b"PK\x03\x04 a zip, not weights")
-    with pytest.raises(ConfigError, match="not an HDF5 weights file .*efficientnet_b0 backbone's save_weights"):
-        resolve_weights(model(tmp_path / "model.keras"))
-    (tmp_path / "w.h5").write_bytes(HDF5_MAGIC + b"rest")
-    assert resolve_weights(model(tmp_path / "w.h5")) == HDF5_MAGIC + b"rest"
-    # Nothing to read without a pretrained backbone, even when the key is set.
-    assert resolve_weights(ModelConfig(architecture="face_cnn", backbone_weights=str(tmp_path / "missing"))) is None
-
-
 def test_cli_train_refuses_a_missing_backbone_file_before_any_cluster_work(tmp_path):
     res = run_cli("train", "--data", str(tmp_path / "d"), "--output", str(tmp_path / "runs"),
                   "--architecture", "mobilenet_v3_small", "--set", f"model.backbone_weights={tmp_path}/w.h5")
