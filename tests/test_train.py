@@ -61,6 +61,9 @@ def test_run_directory_holds_everything(trained):
     for col in ("loss", "val_loss", "categorical_accuracy", "val_categorical_accuracy", "precision", "recall",
                 "val_precision", "val_recall"):
         assert col in history
+    # The worker's CPU seconds per epoch: positive, and at most its cores' worth of the wall time.
+    assert (history["epoch_cpu_seconds"] > 0).all()
+    assert (history["epoch_cpu_seconds"] <= history["epoch_seconds"] * os.cpu_count() + 0.5).all()
     # The saved model is the best epoch's: lowest val_loss.
     assert result["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
     assert json.loads((run_dir / "labels.json").read_text())["classes"] == ["angry", "happy", "sad"]
