@@ -121,7 +121,6 @@ def build_trainer(
     from emotion_ray.backbones import resolve_weights
     from emotion_ray.dataset import load_split
 
-    check_model_fits(cfg, manifest)
     if backbone_weights is None:
         backbone_weights = resolve_weights(cfg.model, cfg.storage)
 
