@@ -114,7 +114,8 @@ def test_backbone_weights_come_from_a_given_file(arch, name, tmp_path):
                           zip(moving, [w for w in source.weights if "moving" in w.name]))
 
 
-def test_a_backbone_model_sees_a_colour_image_as_its_grey_version_and_reloads(tmp_path):
+def test_a_backbone_model_sees_a_colour_image_as_its_grey_version():
+    # (A MobileNetV3 model file, hard-swish arithmetic included, loads in safe mode: tests/test_train.py.)
     model = build_model(ModelConfig(architecture="mobilenet_v3_small", grey=True, dropout=0.2,
                                     augmentation=FACE_AUG), 3, 32)
     kinds = [type(layer).__name__ for layer in model.layers]
@@ -124,11 +125,7 @@ def test_a_backbone_model_sees_a_colour_image_as_its_grey_version_and_reloads(tm
     colour = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     luma = np.rint(colour.astype("float64") @ np.array(GREY_WEIGHTS)).astype(np.uint8)
     grey = np.repeat(luma[..., None], 3, axis=-1)
-    probs = model.predict(colour, verbose=0)
-    np.testing.assert_allclose(probs, model.predict(grey, verbose=0), atol=2e-3)
-    # MobileNetV3's hard-swish arithmetic (TFOpLambda layers) loads in safe mode.
-    save_model(compile_model(model, 1e-3), str(tmp_path / "m.keras"))
-    np.testing.assert_array_equal(load_model(str(tmp_path / "m.keras")).predict(colour, verbose=0), probs)
+    np.testing.assert_allclose(model.predict(colour, verbose=0), model.predict(grey, verbose=0), atol=2e-3)
 
 
 def _trained_seed_cnn(size: int = 32):
