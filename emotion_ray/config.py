@@ -7,6 +7,7 @@ keys are errors, so a typo never silently falls back to a default. Defaults run 
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -163,27 +164,62 @@ class AugmentationConfig(StrictModel):
     )
 
 
+# Architectures built on a tf.keras.applications backbone (model.py), which `backbone_weights` and
+# `grey` apply to. MobileNetV2: Sandler et al. 2018; MobileNetV3: Howard et al. 2019; EfficientNet:
+# Tan & Le 2019.
+BACKBONE_ARCHITECTURES = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+# Smallest image side each architecture takes: Keras refuses backbones under 32x32; face_cnn pools
+# three times by 2.
+MIN_IMAGE_SIZE = {"face_cnn": 16, **{name: 32 for name in BACKBONE_ARCHITECTURES}}
+
+
 class ModelConfig(StrictModel):
-    architecture: Literal["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"] = "seed_cnn"
-    dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn has none).")
+    architecture: Literal["seed_cnn", "wide_cnn", "face_cnn", "mobilenet_v2", "mobilenet_v3_small",
+                          "efficientnet_b0"] = "seed_cnn"
+    dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn and the backbones "
+                             "have none).")
     filter_multiplier: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     backbone_weights: str | None = Field(
         None,
-        description="Local or s3:// weights file for a tf.keras.applications backbone; "
-        "never downloaded at run time. Unset means random initial weights.",
+        description="The backbone's initial weights (mobilenet_v2, mobilenet_v3_small, efficientnet_b0; ignored "
+        "by the others): imagenet (Keras' ImageNet file, downloaded once by the driver into Keras' cache), a "
+        "local or s3:// HDF5 file written by the backbone's save_weights, or none (unset): random weights.",
     )
+    grey: bool = Field(False, description="Backbones: turn pictures into their BT.601 luma (on all three channels) "
+                       "before the backbone, so colour photos look like grey training faces (face_cnn always does).")
     init_from: str | None = Field(
         None, description="Start from an earlier model (transfer learning): a run directory, a .keras file with "
         "labels.json beside it (local or s3://) or models:/name/version. Every layer but its classifier is "
         "reused (architecture options above are then ignored); the classifier is rebuilt for this run's "
         "classes, keeping the weights of classes it shares by name (case-insensitive).")
-    freeze_epochs: int = Field(0, ge=0, description="With init_from: train only the new classifier for this many "
-                               "epochs first (the reused layers frozen), then every layer.")
+    freeze_epochs: int = Field(0, ge=0, description="With init_from or a pretrained backbone (backbone_weights "
+                               "set): train only the new classifier for this many epochs first (the reused "
+                               "layers, or the backbone, frozen), then every layer.")
     fine_tune_learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="With init_from: the learning rate while the reused layers train. "
-        "Unset: a tenth of learning_rate (large steps would undo what the earlier model learned).")
+        None, gt=0, lt=1, description="With init_from or a pretrained backbone: the learning rate while the reused "
+        "layers train. Unset: a tenth of learning_rate (large steps would undo what they learned).")
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _no_weights_is_none(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none"):
+            return None
+        return "imagenet" if value.strip().lower() == "imagenet" else value.strip()
+
+    @property
+    def pretrained_backbone(self) -> bool:
+        """Whether the run starts from backbone weights (the backbone is then the reused part)."""
+        return not self.init_from and self.architecture in BACKBONE_ARCHITECTURES and self.backbone_weights is not None
+
+    def image_size_problem(self, image_size: int) -> str | None:
+        """Why this architecture cannot take `image_size` px images, or None (init_from: the earlier model's
+        size is checked against the dataset instead)."""
+        least = MIN_IMAGE_SIZE.get(self.architecture, 0)
+        if self.init_from or image_size >= least:
+            return None
+        return f"model.architecture {self.architecture} needs image_size >= {least}, got {image_size}"
 
 
 class MlflowConfig(StrictModel):
@@ -245,10 +281,9 @@ class TrainConfig(StrictModel):
             )
         if self.resume and not self.run_name:
             raise ValueError("resume needs run_name: the run to continue")
-        if self.model.architecture == "mobilenet_v2" and self.image_size is not None and self.image_size < 32:
-            raise ValueError("mobilenet_v2 needs image_size >= 32")
-        if self.model.architecture == "face_cnn" and self.image_size is not None and self.image_size < 16:
-            raise ValueError("face_cnn needs image_size >= 16 (three 2x poolings)")
+        problem = self.image_size and self.model.image_size_problem(self.image_size)
+        if problem:
+            raise ValueError(problem)
         if self.warmup_epochs and self.lr_schedule != "cosine":
             raise ValueError("warmup_epochs needs lr_schedule: cosine")
         if self.warmup_epochs >= self.epochs:
@@ -486,7 +521,7 @@ class TuneConfig(StrictModel):
 
         data: dict[str, Any] = {}
         for key, value in self.base.items():
-            set_dotted(data, key, value)
+            set_dotted(data, key, copy.deepcopy(value))  # a section of base (model: {...}) is never written to
         for key, value in sampled.items():
             set_dotted(data, key, value)
         data.update(

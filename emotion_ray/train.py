@@ -88,6 +88,14 @@ def init_model(cfg: TrainConfig, manifest: dict[str, Any]):
     return bundle
 
 
+def check_model_fits(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """ConfigError when the architecture cannot take the dataset's image size (a prepared dataset's
+    size is known only from its manifest)."""
+    problem = cfg.model.image_size_problem(manifest["image_size"])
+    if problem:
+        raise ConfigError(f"{problem} (the dataset's size; prepare it with a larger --image-size)")
+
+
 def _train_loop_on_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: TensorFlow is imported on the workers only, never here."""
     from emotion_ray.train_worker import train_loop_per_worker
@@ -102,12 +110,19 @@ def build_trainer(
     run_name: str,
     mlflow_run_id: str | None = None,
     callbacks: list | None = None,
+    backbone_weights: bytes | None = None,
 ):
-    """The TensorflowTrainer for one training run; tune.py builds its trials with this too."""
+    """The TensorflowTrainer for one training run; tune.py builds its trials with this too.
+    `backbone_weights`: backbones.resolve_weights(cfg.model) as the caller read it once (read here
+    when not given); every worker gets these bytes, none reads or downloads the file itself."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from emotion_ray.backbones import resolve_weights
     from emotion_ray.dataset import load_split
+
+    if backbone_weights is None:
+        backbone_weights = resolve_weights(cfg.model, cfg.storage)
 
     storage_path, storage_fs = run_storage(cfg)
     cpus_per_worker = cfg.cpus_per_worker or worker_cpus(ray.cluster_resources().get("CPU", 0), cfg.workers,
@@ -124,6 +139,7 @@ def build_trainer(
             "mlflow_run_id": mlflow_run_id,
             "cache_rows_per_worker": _cache_rows(cfg, manifest),
             "init_model": init_model(cfg, manifest),
+            "backbone_weights": backbone_weights,
             "steps_per_epoch": -(-manifest["split_rows"]["train"] // cfg.batch_size),
             "train_counts": manifest["counts"]["train"],
         },
@@ -159,8 +175,12 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
         raise ConfigError(f"run {run_dir} already exists; pass --resume to continue it, or choose a new --run-name")
     if cfg.resume and not exists:
         raise ConfigError(f"cannot resume: no run at {run_dir}")
+    from emotion_ray.backbones import resolve_weights
+
+    backbone_weights = resolve_weights(cfg.model, cfg.storage)  # read (or downloaded) once, here
     init_ray()
     dataset_uri, manifest = resolve_dataset(cfg, run_dir)
+    check_model_fits(cfg, manifest)
 
     mlflow_run_id = None
     if cfg.mlflow.enabled:
@@ -170,7 +190,8 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
             tracking.client(cfg.mlflow.tracking_uri).set_tag(mlflow_run_id, "emotion_ray.init_from",
                                                              cfg.model.init_from)
     # Same name + storage path: Ray Train V2 restores the run's checkpoint state on its own.
-    result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id).fit()
+    result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
+                           backbone_weights=backbone_weights).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} produced no checkpoint: {result.error}")
     metrics = export_run(result.checkpoint, cfg, dataset_uri, manifest, run_dir, mlflow_run_id)

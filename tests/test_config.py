@@ -97,3 +97,44 @@ def test_tune_schema_lives_with_the_others_and_plumbing_is_not_a_user_key():
     with pytest.raises(ConfigError, match="mlflow_parent_run_id: unknown key"):
         build_config(TrainConfig, {"data": "d", "mlflow_parent_run_id": "x"})
     assert "space" in TuneConfig.model_fields
+
+
+# ----------------------------------------------------------------------------- backbones (issue #16, item 2)
+def test_backbone_architectures_and_their_weights_are_validated():
+    from emotion_ray.config import BACKBONE_ARCHITECTURES, ModelConfig
+
+    with pytest.raises(ConfigError, match="model.architecture: .*'mobilenet_v3_small' or 'efficientnet_b0'"):
+        build_config(TrainConfig, {"data": "d", "model": {"architecture": "resnet50"}})
+    for arch in BACKBONE_ARCHITECTURES:
+        # Keras' backbones refuse images under 32x32: known before any cluster work.
+        with pytest.raises(ConfigError, match=f"{arch} needs image_size >= 32, got 24"):
+            build_config(TrainConfig, {"data": "d", "image_size": 24, "model": {"architecture": arch}})
+        assert build_config(TrainConfig, {"data": "d", "image_size": 32, "model": {"architecture": arch}})
+    with pytest.raises(ConfigError, match="face_cnn needs image_size >= 16"):
+        build_config(TrainConfig, {"data": "d", "image_size": 8, "model": {"architecture": "face_cnn"}})
+    # init_from ignores the architecture: the earlier model's size is checked against the data instead.
+    assert build_config(TrainConfig, {"data": "d", "image_size": 24,
+                                      "model": {"architecture": "efficientnet_b0", "init_from": "runs/a"}})
+    assert [ModelConfig(backbone_weights=v).backbone_weights for v in ("none", "None", "", None)] == [None] * 4
+    assert ModelConfig(backbone_weights=" ImageNet ").backbone_weights == "imagenet"
+    pretrained = ModelConfig(architecture="mobilenet_v3_small", backbone_weights="imagenet")
+    assert pretrained.pretrained_backbone
+    assert not pretrained.model_copy(update={"architecture": "face_cnn"}).pretrained_backbone  # no backbone
+    assert not pretrained.model_copy(update={"init_from": "runs/a"}).pretrained_backbone
+    assert not pretrained.model_copy(update={"backbone_weights": None}).pretrained_backbone
+
+
+def test_cli_train_refuses_a_missing_backbone_file_before_any_cluster_work(tmp_path):
+    res = run_cli("train", "--data", str(tmp_path / "d"), "--output", str(tmp_path / "runs"),
+                  "--architecture", "mobilenet_v3_small", "--set", f"model.backbone_weights={tmp_path}/w.h5")
+    assert res.returncode == 2 and f"model.backbone_weights: no file at {tmp_path}/w.h5" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_model_fits_the_prepared_datasets_size():
+    from emotion_ray.train import check_model_fits
+
+    cfg = build_config(TrainConfig, {"data": "d", "model": {"architecture": "mobilenet_v3_small"}})
+    with pytest.raises(ConfigError, match="mobilenet_v3_small needs image_size >= 32, got 24 .*--image-size"):
+        check_model_fits(cfg, {"image_size": 24})
+    check_model_fits(cfg, {"image_size": 48})

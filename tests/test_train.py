@@ -61,6 +61,9 @@ def test_run_directory_holds_everything(trained):
     for col in ("loss", "val_loss", "categorical_accuracy", "val_categorical_accuracy", "precision", "recall",
                 "val_precision", "val_recall"):
         assert col in history
+    # The worker's CPU seconds per epoch: positive, and at most its cores' worth of the wall time.
+    assert (history["epoch_cpu_seconds"] > 0).all()
+    assert (history["epoch_cpu_seconds"] <= history["epoch_seconds"] * os.cpu_count() + 0.5).all()
     # The saved model is the best epoch's: lowest val_loss.
     assert result["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
     labels = json.loads((run_dir / "labels.json").read_text())
@@ -148,14 +151,34 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(ray_se
     assert list(history["epoch"]) == list(range(1, 6))
 
 
-def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path):
+@pytest.mark.parametrize("backbone", [False, True], ids=["seed_cnn", "mobilenet_v3_small_from_a_file"])
+def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path, backbone):
+    """And with a pretrained backbone, on 2 workers: the weights file the driver read reaches every
+    worker, and with freeze_epochs the backbone (the reused part) comes out exactly as it went in."""
     from emotion_ray.demo import make_demo_dataset
 
     images = make_demo_dataset(tmp_path / "imgs", per_class=15, seed=4, canvas=48) and tmp_path / "imgs"
-    result = run_training(TrainConfig(data=str(images), output=str(tmp_path / "runs"), run_name="fly", workers=1,
-                                      epochs=1, batch_size=8, image_size=32, mlflow={"enabled": False}))
+    extra, source = {}, None
+    if backbone:
+        from emotion_ray.model import keras
+
+        source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
+        source.save_weights(str(tmp_path / "v3.h5"))
+        extra = {"workers": 2, "model": {"architecture": "mobilenet_v3_small", "grey": True, "freeze_epochs": 1,
+                                         "backbone_weights": str(tmp_path / "v3.h5")}}
+    result = run_training(TrainConfig(**{"data": str(images), "output": str(tmp_path / "runs"), "run_name": "fly",
+                                         "workers": 1, "epochs": 1, "batch_size": 8, "image_size": 32,
+                                         "mlflow": {"enabled": False}, **extra}))
     assert (Path(result["run_dir"]) / "dataset" / "manifest.json").exists()
     assert (Path(result["run_dir"]) / "model.keras").exists()
+    if backbone:
+        from emotion_ray.model import load_model
+
+        saved = load_model(str(Path(result["run_dir"]) / "model.keras"))
+        trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
+        assert len(trained.weights) == len(source.weights) > 100
+        for a, b in zip(source.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_gpu_workers_train_and_evaluate(prepared_demo, tmp_path):

@@ -20,9 +20,47 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 
 
+@pytest.mark.fast
 def test_shipped_configs_validate():
-    for path in (ROOT / "tune_configs").glob("*.yaml"):
+    paths = sorted((ROOT / "tune_configs").glob("*.yaml"))
+    assert {"smoke.yaml", "overnight.yaml", "face_recipe_overnight.yaml"} <= {p.name for p in paths}
+    for path in paths:
         load_tune_config(str(path))
+
+
+@pytest.mark.fast
+def test_backbone_weights_are_read_once_per_architecture_before_any_trial(tmp_path):
+    from emotion_ray.backbones import HDF5_MAGIC
+    from emotion_ray.tune import backbone_weights, model_variants
+
+    (tmp_path / "v3.h5").write_bytes(HDF5_MAGIC + b"v3")
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["model.backbone_weights"] = str(tmp_path / "v3.h5")
+    raw["space"]["model.architecture"] = {"choice": ["face_cnn", "mobilenet_v3_small"]}
+    raw["space"]["model.init_from"] = {"choice": [None, "runs/parent"]}
+    cfg = load_tune_config_dict(raw)
+    assert len(model_variants(cfg)) == 4
+    # Only the variant that builds a backbone from the file needs it (init_from reuses a model).
+    assert backbone_weights(cfg) == {("mobilenet_v3_small", str(tmp_path / "v3.h5")): HDF5_MAGIC + b"v3"}
+    raw["base"]["model.backbone_weights"] = str(tmp_path / "missing.h5")
+    with pytest.raises(ConfigError, match="no file at"):
+        backbone_weights(load_tune_config_dict(raw))
+
+
+@pytest.mark.fast
+def test_sampled_values_never_leak_into_a_base_section():
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["model"] = {"dropout": 0.1, "architecture": "face_cnn"}
+    raw["space"] = {"model.dropout": {"choice": [0.3, 0.4]}}
+    cfg = load_tune_config_dict(raw)  # validation builds a train config per example value
+    assert cfg.base["model"] == {"dropout": 0.1, "architecture": "face_cnn"}
+    assert cfg.train_config({}).model.dropout == 0.1 and cfg.train_config({"model.dropout": 0.3}).model.dropout == 0.3
+
+
+def load_tune_config_dict(raw: dict):
+    from emotion_ray.config import TuneConfig, build_config
+
+    return build_config(TuneConfig, raw)
 
 
 @pytest.mark.parametrize(
