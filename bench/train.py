@@ -53,7 +53,7 @@ def streamed_read(dataset, manifest) -> dict:
         shards = []
         for k in range(copies):
             for rel in manifest["shards"]["train"]:
-                dst = big / f"split=train/c{k}-{os.path.basename(rel)}"
+                dst = big / f"data/split=train/c{k}-{os.path.basename(rel)}"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.link(dataset / rel, dst)
                 shards.append(str(dst.relative_to(big)))
@@ -104,7 +104,9 @@ def main() -> None:
     init_ray()
     if not (dataset / "manifest.json").exists():
         shutil.rmtree(dataset, ignore_errors=True)
-        prepare(PrepareConfig(inputs=[str(src)], output=str(dataset), image_size=size))
+        # One file per decoding block (the smallest shard_bytes), as datasets were sharded when
+        # these figures were first taken: streamed_read measures many small shards.
+        prepare(PrepareConfig(inputs=[str(src)], output=str(dataset), image_size=size, shard_bytes=1024**2))
     manifest = json.loads((dataset / "manifest.json").read_text())
 
     from emotion_ray.model import build_model, compile_model

@@ -14,6 +14,7 @@ def main(demo_dir: str) -> int:
     scores = json.loads((root / "predictions" / "_SUCCESS.json").read_text())
     print("\n=== emotion_ray demo ===")
     print(f"dataset      {root / 'dataset'}  ({manifest['rows']} images: {manifest['split_rows']})")
+    print(f"             Parquet: {root / 'dataset' / 'data'}  (pandas.read_parquet, polars, DuckDB, pyarrow)")
     print(f"model        {root / 'runs' / 'demo' / 'model.keras'}  (best epoch {metrics['best_epoch']} "
           f"of {metrics['epochs_run']})")
     print(f"test metrics accuracy {metrics['categorical_accuracy']:.3f}  macro precision "
@@ -22,7 +23,8 @@ def main(demo_dir: str) -> int:
     for label, m in metrics["per_class"].items():
         print(f"             {label:6s} precision {m['precision']:.3f}  recall {m['recall']:.3f}  n={m['support']}")
     print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {scores['labels']}, errors {scores['errors']})")
-    print("             columns: path, label, confidence, prob_<class>, model_id, width, height, error, scored_at")
+    print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
+          "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix}}.png")
     print(f"MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}  "
           "(then open http://127.0.0.1:5000)")
