@@ -26,9 +26,17 @@ def main(demo_dir: str) -> int:
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
           "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix}}.png")
-    print(f"MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'}  "
-          "(then open http://127.0.0.1:5000)")
+    print(f"MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000")
+    print(f"             then open {_experiment_url(root / 'mlflow.db')}")
     return 0
+
+
+def _experiment_url(db: Path, experiment: str = "emotion_ray") -> str:
+    """The UI's page of the training experiment in `db` (the UI's start page if it is not there)."""
+    from mlflow.tracking import MlflowClient
+
+    found = MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment_by_name(experiment) if db.exists() else None
+    return f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}" if found else "http://127.0.0.1:5000"
 
 
 if __name__ == "__main__":

@@ -313,6 +313,22 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
             assert by_path[f"prob_{c}"][i] == expected and by_bytes[f"prob_{c}"][i] == expected
     assert by_path["error"][3].startswith("unreadable") and by_path["label"][3] is None  # a row, not a failure
 
+    # A version, alias or model that is not there, or no store at the URI: one line each (exit 2 from the CLI),
+    # and no empty database left behind.
+    from emotion_ray.errors import ConfigError
+    from emotion_ray.inference import resolve_model
+
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    for model, store, says in (("models:/scorable/9", uri, "models:/scorable/9"),
+                               ("models:/scorable@champion", uri, "champion"),
+                               ("models:/nope/1", uri, "nope"),
+                               ("models:/scorable/1", elsewhere, "no MLflow tracking database at " + elsewhere)):
+        with pytest.raises(ConfigError) as err:
+            resolve_model(model, StorageConfig(), store)
+        assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "elsewhere.db").exists()
+    assert scored[images[0]]["model_id"] == f"models:/scorable/1#sha256={_sha256(export / 'model.keras')[:12]}"
+
     info = mlflow.models.get_model_info("models:/scorable/1")
     assert info.signature.inputs.input_names() == ["path", "image"] and "prob_happy" in info.signature.outputs.input_names()
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/scorable/1")).read_text()
@@ -465,6 +481,7 @@ def test_a_missing_registered_model_is_one_line_and_exit_2(tmp_path, images_with
     errors = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
     assert len(errors) == 1 and "models:/nope/3" in errors[0] and "empty.db" in errors[0]
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "empty.db").exists()  # no empty database left behind
 
 
 def test_rerun_retries_transient_errors_and_keeps_permanent_ones(ray_session, model_dir, images_with_bad_files,
