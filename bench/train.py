@@ -44,12 +44,12 @@ from emotion_ray.runtime import init_ray
 RECIPE = ROOT.parent / "train_configs" / "face_recipe.yaml"
 
 
-def prepared(name: str, src, size: int):
-    """`src` prepared at `size` px under BENCH_DIR (once), and its manifest."""
+def prepared(name: str, src, size: int, **settings):
+    """`src` prepared at `size` px under BENCH_DIR (once, with PrepareConfig `settings`), and its manifest."""
     dataset = WORK / name
     if not (dataset / "manifest.json").exists():
         shutil.rmtree(dataset, ignore_errors=True)
-        prepare(PrepareConfig(inputs=[str(src)], output=str(dataset), image_size=size))
+        prepare(PrepareConfig(inputs=[str(src)], output=str(dataset), image_size=size, **settings))
     return dataset, json.loads((dataset / "manifest.json").read_text())
 
 
@@ -123,7 +123,7 @@ def streamed_read(dataset, manifest) -> dict:
         shards = []
         for k in range(copies):
             for rel in manifest["shards"]["train"]:
-                dst = big / f"split=train/c{k}-{os.path.basename(rel)}"
+                dst = big / f"data/split=train/c{k}-{os.path.basename(rel)}"
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.link(dataset / rel, dst)
                 shards.append(str(dst.relative_to(big)))
@@ -170,7 +170,10 @@ def main() -> None:
     epochs, batch = 10, 32
     use_gpu = os.environ.get("BENCH_GPU") == "1"
     init_ray()
-    dataset, manifest = prepared(f"train_ds_{size}", demo_files("train", per_class=200, canvas=256), size)
+    # One file per decoding block (the smallest shard_bytes), as datasets were sharded when these
+    # figures were first taken: streamed_read measures many small shards.
+    dataset, manifest = prepared(f"train_ds_{size}", demo_files("train", per_class=200, canvas=256), size,
+                                 shard_bytes=1024**2)
 
     from emotion_ray.model import build_model, compile_model
 

@@ -54,6 +54,8 @@ SCORE_FLAGS: list[Flag] = [
     ("--batch-size", "batch_size", {"type": int}),
     ("--num-predictors", "num_predictors", {"type": int}),
     ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
+    ("--overwrite", "overwrite", {"action": "store_const", "const": True,
+                                  "help": "delete the predictions already in --output and score everything again"}),
     ("--no-retry-errors", "retry_errors", {"action": "store_const", "const": False,
                                            "help": "keep earlier unreadable rows on a re-run"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),

@@ -64,7 +64,8 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
         from emotion_ray.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            return dataclasses.replace(bundle_from_files(*download_model(model, tracking_uri, tmp)), model_id=model)
+            bundle = bundle_from_files(*download_model(model, tracking_uri, tmp))
+            return dataclasses.replace(bundle, model_id=f"{model}#{bundle.model_id}")  # the URI and content hash
     model_uri = model if model.endswith(".keras") else storage.join(model, MODEL_FILE)
     labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
                               else os.path.dirname(os.path.abspath(model_uri)), LABELS_FILE)

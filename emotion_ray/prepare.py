@@ -1,10 +1,13 @@
 """prepare: list -> read bytes -> decode -> split -> sharded Parquet + manifest + rejects (writes a dataset).
 
 Output layout (local folder or s3:// prefix):
-    split=train/*.parquet, split=val/*.parquet, split=test/*.parquet
+    data/split=train/*.parquet, data/split=val/*.parquet, data/split=test/*.parquet
         columns: image (binary: image_size*image_size*3 uint8 RGB, row-major HWC),
                  label_index (int32), label (string), path (string), content_hash (sha256 hex),
                  group (the row's group key), phash (uint64 pHash of its picture; null when off)
+        data/ holds only Parquet (hive-partitioned by split): any Parquet reader reads it or a split
+        folder. Datasets from before data/ hold split=*/ at the top; readers go by the manifest's
+        shard list, which names either.
     rejects.parquet   path, reason, detail: every file that could not be used
     skipped.parquet   path, reason: every file found that is not an input (hidden, not an image, ...)
     manifest.json     written last: a dataset without it is incomplete and is never read
@@ -47,7 +50,8 @@ DECODE_BATCH = 32
 # A class with fewer rows than this trains badly and makes its test figures noise: prepare warns.
 MIN_CLASS_ROWS = 20
 # Every name prepare writes (a marker from before ownership lists owns only these).
-WRITTEN_NAMES = ["split=*", REJECTS, SKIPPED, MANIFEST]
+WRITTEN_NAMES = ["split=*", REJECTS, SKIPPED, MANIFEST]  # (before data/, splits were at the top)
+PARQUET_DIR = outputs.PARQUET_DIR
 SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "group", "phash", "split", "reject_reason"]
 FACE_SHARD_COLUMNS = ["face_index", "box_x", "box_y", "box_w", "box_h", "face_score"]  # with faces on
 
@@ -193,8 +197,7 @@ def _claim_output(cfg: PrepareConfig) -> None:
     # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
     outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, first=[MANIFEST])
     # Recorded before writing, so a crash leaves them ours to delete next time.
-    outputs.record_written(cfg.output, OWNER_MARKER, [f"split={s}" for s in (*SPLITS, REJECTED)]
-                           + [REJECTS, SKIPPED, MANIFEST], cfg.storage)
+    outputs.record_written(cfg.output, OWNER_MARKER, [PARQUET_DIR, REJECTS, SKIPPED, MANIFEST], cfg.storage)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
@@ -208,7 +211,8 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     base = storage.strip_scheme(cfg.output)
 
     def shard_files(split: str) -> list[str]:
-        info = fs.get_file_info(pa.fs.FileSelector(f"{base}/split={split}", allow_not_found=True, recursive=True))
+        info = fs.get_file_info(pa.fs.FileSelector(f"{base}/{PARQUET_DIR}/split={split}", allow_not_found=True,
+                                                   recursive=True))
         return sorted(i.path for i in info if i.type == pa.fs.FileType.File and i.path.endswith(".parquet"))
 
     def read(files: list[str], columns: list[str]) -> pa.Table:
@@ -246,7 +250,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     storage.write_parquet_atomic(storage.join(cfg.output, REJECTS), reject_table, cfg.storage)
     storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), listing.ignored.table(), cfg.storage)
     # The rejected partition only carried reject rows through the one streaming pass.
-    storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
+    storage.remove(storage.join(cfg.output, PARQUET_DIR, f"split={REJECTED}"), cfg.storage, recursive=True)
 
     rel = lambda p: posixpath.relpath(p, base)  # noqa: E731
     return {
@@ -344,11 +348,15 @@ def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys) 
                                  fn_kwargs={"fractions": cfg.splits, "plan": ray.put(plan.table)})
     else:
         ds = ds.map_batches(decode_and_split, **decode)
+    data = storage.join(cfg.output, PARQUET_DIR)
     ds.write_parquet(
-        storage.strip_scheme(cfg.output) if storage.is_s3(cfg.output) else cfg.output,
+        storage.strip_scheme(data) if storage.is_s3(data) else data,
         filesystem=storage.pyarrow_filesystem(cfg.output, cfg.storage),
         partition_cols=["split"],
-        max_rows_per_file=cfg.rows_per_shard,
+        # Decoding blocks are sized for decoding (~64 MiB, fewer rows at small image sizes); the
+        # files are made of blocks gathered up to shard_bytes. (min_rows_per_file with
+        # partition_cols is deprecated in this Ray.)
+        min_bytes_per_file=cfg.shard_bytes,
     )
     manifest = _summarise(cfg, listing)
     manifest["groups"] = {"near_duplicate_distance": cfg.near_duplicate_distance, "group_pattern": cfg.group_pattern,

@@ -186,6 +186,7 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
     if cfg.mlflow.enabled:
         mlflow_run_id = tracking.start_run(cfg.mlflow, run_name, cfg.model_dump(mode="json"),
                                            parent_run_id=mlflow_parent_run_id, resume=cfg.resume)
+        tracking.record_training_run(cfg, mlflow_run_id, run_name, dataset_uri, manifest)
         if cfg.model.init_from:  # the model this one started from (transfer learning)
             tracking.client(cfg.mlflow.tracking_uri).set_tag(mlflow_run_id, "emotion_ray.init_from",
                                                              cfg.model.init_from)

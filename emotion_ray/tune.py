@@ -86,7 +86,9 @@ def _trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes
     mlflow_run_id = None
     if tcfg.mlflow.enabled:
         mlflow_run_id = tracking.start_run(tcfg.mlflow, run_name, {**cfg.model_dump(mode="json"), **sampled},
-                                           parent_run_id=setup["parent_run_id"], resume=True)
+                                           parent_run_id=setup["parent_run_id"], resume=True,
+                                           source=setup["source_tags"])
+        tracking.record_training_run(cfg, mlflow_run_id, run_name, setup["dataset_uri"], setup["manifest"])
     weights = (backbone_weights or {}).get((cfg.model.architecture, cfg.model.backbone_weights))
     trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
                             callbacks=[TuneReportCallback()], backbone_weights=weights)
@@ -185,8 +187,11 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     parent_run_id = None
     if cfg.mlflow.enabled:
         parent_run_id = tracking.start_run(cfg.mlflow, f"tune_{cfg.name}", cfg.model_dump(mode="json"), resume=True)
+        tracking.log_dataset(cfg.mlflow, parent_run_id, dataset_uri, manifest, cfg.storage)
     setup = {"tune": cfg.model_dump(mode="json"), "dataset_uri": dataset_uri, "manifest": manifest,
-             "parent_run_id": parent_run_id}
+             "parent_run_id": parent_run_id,
+             # the trials' runs name this driver's command and commit, not a Tune worker's
+             "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
     trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, backbone_weights=weights),

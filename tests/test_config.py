@@ -138,3 +138,21 @@ def test_check_model_fits_the_prepared_datasets_size():
     with pytest.raises(ConfigError, match="mobilenet_v3_small needs image_size >= 32, got 24 .*--image-size"):
         check_model_fits(cfg, {"image_size": 24})
     check_model_fits(cfg, {"image_size": 48})
+
+
+def test_tracking_uri_flag_beats_mlflow_tracking_uri_which_beats_the_default(monkeypatch, tmp_path):
+    from emotion_ray.cli import SCORE_FLAGS, TRAIN_FLAGS, _config_from_args, build_parser
+
+    def tracking_uris(*flags: str) -> tuple[str, str]:
+        score = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o", *flags])
+        train = build_parser().parse_args(["train", "--data", "d", *flags])
+        return (_config_from_args(ScoreConfig, score, SCORE_FLAGS).mlflow_tracking_uri,
+                _config_from_args(TrainConfig, train, TRAIN_FLAGS).mlflow.tracking_uri)
+
+    for name in ("MLFLOW_TRACKING_URI", "EMOTION_RAY_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uris() == (f"sqlite:///{tmp_path.resolve()}/mlflow.db",) * 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert tracking_uris() == ("http://from-env:5000",) * 2
+    assert tracking_uris("--tracking-uri", "http://from-flag:5000") == ("http://from-flag:5000",) * 2

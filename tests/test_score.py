@@ -21,24 +21,33 @@ from emotion_ray.demo import make_demo_dataset
 from emotion_ray.errors import StageError
 from emotion_ray.inference import predict
 from emotion_ray.score import SUCCESS, read_scores, score
-from tests.conftest import run_on_declared_gpus
+from tests.conftest import READERS, read_with_every_reader, run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
 SIZE = 32
 TEMPERATURE = 2.0
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def untrained_run(run: Path) -> Path:
     """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model.
     Its fitted temperature (TEMPERATURE) runs every path here through the calibrated outputs."""
     from emotion_ray.config import ModelConfig
     from emotion_ray.model import build_model, save_model
 
-    run = tmp_path_factory.mktemp("run")
     save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
     (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, "temperature": TEMPERATURE}))
     return run
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return untrained_run(tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Another model of the same classes (its own random weights)."""
+    return untrained_run(tmp_path_factory.mktemp("other_run"))
 
 
 @pytest.fixture()
@@ -87,9 +96,12 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
     # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
     assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
-    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    schema = pq.read_schema(next((out / "data").glob("part-*.parquet")))
     assert {"path", "label", "confidence", "prob_angry", "prob_happy", "prob_sad", "model_id", "width", "height",
             "error", "scored_at"} <= set(schema.names)
+    # The Parquet folder holds only Parquet: every reader reads it as it is.
+    assert summary["parquet"] == str(out / "data") and summary["part_files"] == 1
+    assert read_with_every_reader(out / "data") == dict.fromkeys(READERS, len(files))
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
@@ -170,7 +182,7 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_session, model_d
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(out.glob("part-*.parquet")):
+    while not list(out.glob("data/part-*.parquet")):
         assert time.time() < deadline and proc.poll() is None, "scoring ended before it could be interrupted"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -208,14 +220,19 @@ def test_rerun_repairs_an_output_holding_duplicate_rows(ray_session, model_dir, 
     out = tmp_path / "scores"
     cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
     score(cfg, show_progress=False)
-    [part] = sorted(out.glob("part-*.parquet"))
+    [part] = sorted(out.glob("data/part-*.parquet"))
+    part = part.rename(out / part.name)  # the layout before data/, part files at the top,
     shutil.copy(part, out / "part-olderrun-00000.parquet")  # as two unlocked runs of older versions left it
     marker = json.loads((out / "_emotion_ray_scores").read_text())
-    marker.pop("written", None)  # and an old-style marker
+    marker.pop("written", None)  # and an old-style marker, which named no model
+    marker.pop("model", None)
     (out / "_emotion_ray_scores").write_text(json.dumps(marker))
+    (out / "data").rmdir()
+    assert len(read_scores(str(out))) == 36  # read as it is
     summary = score(cfg, show_progress=False)
     assert summary["duplicate_rows_dropped"] == 18 and summary["rows"] == 18
     assert len(read_scores(str(out))) == 18
+    assert not list(out.glob("part-*")) and len(list(out.glob("data/part-*.parquet"))) == 1  # moved into data/
 
 
 def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
@@ -357,6 +374,22 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
             assert by_path[f"prob_{c}"][i] == expected and by_bytes[f"prob_{c}"][i] == expected
     assert by_path["error"][3].startswith("unreadable") and by_path["label"][3] is None  # a row, not a failure
 
+    # A version, alias or model that is not there, or no store at the URI: one line each (exit 2 from the CLI),
+    # and no empty database left behind.
+    from emotion_ray.errors import ConfigError
+    from emotion_ray.inference import resolve_model
+
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    for model, store, says in (("models:/scorable/9", uri, "models:/scorable/9"),
+                               ("models:/scorable@champion", uri, "champion"),
+                               ("models:/nope/1", uri, "nope"),
+                               ("models:/scorable/1", elsewhere, "no MLflow tracking database at " + elsewhere)):
+        with pytest.raises(ConfigError) as err:
+            resolve_model(model, StorageConfig(), store)
+        assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "elsewhere.db").exists()
+    assert scored[images[0]]["model_id"] == f"models:/scorable/1#sha256={_sha256(export / 'model.keras')[:12]}"
+
     info = mlflow.models.get_model_info("models:/scorable/1")
     assert info.signature.inputs.input_names() == ["path", "image"] and "prob_happy" in info.signature.outputs.input_names()
     requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/scorable/1")).read_text()
@@ -462,7 +495,7 @@ def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_sessi
     # A run stopped between a picture's face rows: the re-run scores that picture again, whole.
     import pyarrow.parquet as pq
 
-    [part] = sorted(out.glob("part-*.parquet"))
+    [part] = sorted(out.glob("data/part-*.parquet"))
     table = pq.read_table(part)
     keep = [not (p.endswith("two_people.jpg") and f == 1) for p, f in zip(table["path"].to_pylist(),
                                                                         table["face_index"].to_pylist())]
@@ -509,6 +542,7 @@ def test_a_missing_registered_model_is_one_line_and_exit_2(tmp_path, images_with
     errors = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
     assert len(errors) == 1 and "models:/nope/3" in errors[0] and "empty.db" in errors[0]
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "empty.db").exists()  # no empty database left behind
 
 
 def test_rerun_retries_transient_errors_and_keeps_permanent_ones(ray_session, model_dir, images_with_bad_files,
@@ -545,3 +579,75 @@ def test_a_model_that_does_not_output_probabilities_or_does_not_match_its_labels
     (wrong / "labels.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": SIZE}))
     with pytest.raises(StageError, match=r"outputs shape \(3,\) but labels.json names 2 classes"):
         predict(PredictConfig(model=str(wrong), inputs=[image]))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_remembers_its_model_and_refuses_another_unless_overwritten(
+        ray_session, model_dir, other_model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
+    first = score(cfg, show_progress=False)
+    sha_a, sha_b = _sha256(model_dir / "model.keras"), _sha256(other_model_dir / "model.keras")
+    assert first["model"] == {"uri": str(model_dir), "sha256": sha_a}
+    assert json.loads((out / "_emotion_ray_scores").read_text())["model"]["sha256"] == sha_a
+    # The same model from another place is the same model: the output continues.
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert score(cfg.model_copy(update={"model": str(copy)}), show_progress=False)["scored_now"] == 0
+
+    # Another model stops at once with exit 2, naming both, and leaves the output as it was.
+    before = _tree_hash(out)
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(other_model_dir), "--input",
+                          str(images_with_bad_files), "--output", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    [error] = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
+    for named in (str(copy), sha_a[:12], str(other_model_dir), sha_b[:12], "--overwrite"):
+        assert named in error, error
+    assert _tree_hash(out) == before
+    # An output from before outputs remembered their model: its rows' model_id tell.
+    marker = json.loads((out / "_emotion_ray_scores").read_text())
+    (out / "_emotion_ray_scores").write_text(json.dumps({k: v for k, v in marker.items() if k != "model"}))
+    other = cfg.model_copy(update={"model": str(other_model_dir)})
+    with pytest.raises(ConfigError, match=f"holds predictions of model {model_dir}/model.keras#sha256={sha_a[:12]}"):
+        score(other, show_progress=False)
+
+    # --overwrite starts over with the new model.
+    again = score(other.model_copy(update={"overwrite": True}), show_progress=False)
+    assert again["scored_now"] == again["rows"] == 18 and again["model"]["sha256"] == sha_b
+    assert {r["model_id"].rsplit("=", 1)[1] for r in read_scores(str(out)).to_pylist()} == {sha_b[:12]}
+    with pytest.raises(ConfigError, match=f"holds predictions of model {other_model_dir} \\(sha256 {sha_b[:12]}"):
+        score(cfg, show_progress=False)
+
+
+@pytest.mark.fast
+def test_part_files_are_large_by_default_and_the_small_ones_are_merged(tmp_path):
+    import pyarrow as pa
+
+    from emotion_ray import outputs
+    from emotion_ray.score import OWNER_MARKER, _merge_small_parts, _PartWriter
+
+    assert ScoreConfig(model="m", inputs=["i"], output="o").rows_per_file == 1_000_000  # ~25 MB of predictions
+    out, data = str(tmp_path / "o"), tmp_path / "o" / "data"
+    cfg = ScoreConfig(model="m", inputs=["i"], output=out, rows_per_file=10)
+    rows = lambda n, start: pa.table({"path": [f"p{i}" for i in range(start, start + n)]})  # noqa: E731
+    with outputs.OutputLock(out, "test", cfg.storage) as lock:
+        outputs.claim_folder(out, OWNER_MARKER, "score")
+        slow = _PartWriter(out, cfg.storage, cfg.rows_per_file, lock, flush_seconds=0.2)
+        slow.add(rows(1, 0))
+        time.sleep(0.3)
+        slow.add(rows(2, 1))  # rows waited past flush_seconds: a part file of 3 rows, not 10
+        assert [pq.read_metadata(p).num_rows for p in data.glob("part-*.parquet")] == [3]
+        writer = _PartWriter(out, cfg.storage, cfg.rows_per_file, lock)
+        for start in range(3, 24, 3):  # seven more of 3 rows, as checkpoints of a slow run write them
+            writer.add(rows(3, start))
+            writer.flush()
+        writer.add(rows(10, 24))  # and a full one
+        _merge_small_parts(cfg, writer)
+    assert sorted(pq.read_metadata(p).num_rows for p in data.glob("part-*.parquet")) == [10, 12, 12]
+    assert sorted(read_scores(out)["path"].to_pylist()) == sorted(f"p{i}" for i in range(34))

@@ -112,6 +112,49 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert client.get_model_version("test_emotion", "1").status == "READY"
 
 
+def test_mlflow_run_says_where_it_came_from_what_it_trained_on_and_describes_its_model(trained, prepared_demo):
+    """What an MLflow user looks for: source and commit, a description, the dataset input, the
+    registered model's description and tags, and an experiment the UI opens on its runs."""
+    import hashlib
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    import emotion_ray
+
+    result, _, uri = trained
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    tags = run.data.tags
+    commit = subprocess.run(["git", "-C", os.path.dirname(emotion_ray.__file__), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    assert tags.get("mlflow.source.git.commit") == (commit or None) and tags["mlflow.source.name"]
+    accuracy = f"accuracy {result['categorical_accuracy']:.3f}"
+    note = tags["mlflow.note.content"]
+    assert "`seed_cnn`" in note and "angry, happy, sad at 48x48" in note and str(prepared_demo) in note
+    assert accuracy in note and "models:/test_emotion/1" in note
+
+    manifest = json.loads((prepared_demo / "manifest.json").read_text())
+    sha = hashlib.sha256((prepared_demo / "manifest.json").read_bytes()).hexdigest()
+    [used] = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == (prepared_demo.name, sha[:12])
+    assert json.loads(used.dataset.source)["uri"] == str(prepared_demo)
+    profile = json.loads(used.dataset.profile)
+    assert profile["split_rows"] == manifest["split_rows"] and profile["counts"] == manifest["counts"]
+    assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+    assert tags["emotion_ray.dataset_manifest_sha256"] == sha
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    version = client.get_model_version("test_emotion", "1")
+    for text in ("angry, happy, sad", "48x48", "`image` column", "`path` column", "`prob_happy`", accuracy, sha[:12]):
+        assert text in version.description, text
+    assert version.tags["image_size"] == "48" and version.tags["dataset_manifest_sha256"] == sha
+    assert float(version.tags["test_categorical_accuracy"]) == pytest.approx(result["categorical_accuracy"], abs=1e-4)
+    model = client.get_registered_model("test_emotion")
+    assert model.description.startswith(version.description)
+    assert model.tags["classes"] == "angry,happy,sad" and model.tags["task"] == "image-classification"
+
+
 def _registered_checkpoints(run_dir: Path) -> list:
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())

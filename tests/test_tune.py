@@ -143,6 +143,11 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     parent = [r for r in runs if r.info.run_name == "tune_smoke"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 3
+    # Every run names the driver's command and the dataset it trained on; each trial is described.
+    assert {r.data.tags["mlflow.source.name"] for r in parent + children} == {"cli.py tune"}
+    assert {r.inputs.dataset_inputs[0].dataset.digest for r in parent + children} == \
+        {parent[0].data.tags["emotion_ray.dataset_manifest_sha256"][:12]}
+    assert all("training run `trial_" in r.data.tags["mlflow.note.content"] for r in children)
     assert client.get_latest_versions("emotion_cnn_tuned")
 
 
