@@ -66,7 +66,7 @@ SCORE_FLAGS: list[Flag] = [
 ]
 PREDICT_FLAGS: list[Flag] = [
     ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
-    ("--batch-size", "batch_size", {"type": int, "help": "as score's, for identical probabilities"}),
+    ("--batch-size", "batch_size", {"type": int, "help": "as score's, for the same padded batches"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
     ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "default: as the model was trained"}),
     ("--min-confidence", "min_confidence", {"type": float, "help": MIN_CONFIDENCE_HELP}),

@@ -317,7 +317,7 @@ class PredictConfig(InferenceConfig):
     @model_validator(mode="after")
     def _default_batch(self) -> PredictConfig:
         if self.batch_size is None:
-            self.batch_size = CPU_SCORE_BATCH  # the same padded batch as score on CPU: bit-identical outputs
+            self.batch_size = CPU_SCORE_BATCH  # the same padded batch as score on CPU: the same outputs
         return self
 
 

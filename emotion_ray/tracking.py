@@ -340,7 +340,7 @@ try:
         member paths, read where the model runs). Output: one row per input with score's
         columns (path, label, confidence, prob_<class>, width, height, error); an unreadable or
         undecodable input is an error row, never a failed batch. Probabilities equal `score`'s
-        and `predict`'s bit for bit (the same padded batches).
+        and `predict`'s to float32's last bit (the same padded batches; inference.py).
         """
 
         def load_context(self, context):

@@ -35,11 +35,27 @@ def train_config(prepared, out, **overrides) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(ray_session, prepared_demo, tmp_path_factory):
+    """The module's one full training run (2 workers, MLflow on sqlite), and its fault-tolerance
+    test: once the first checkpoint is registered one Train worker is SIGKILLed; Ray Train
+    replaces the group and the run goes on from that checkpoint. Every test here asserts on it."""
     out = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{out}/mlflow.db"
-    cfg = train_config(prepared_demo, out, run_name="main",
+    cfg = train_config(prepared_demo, out, run_name="main", max_failures=2,
                        mlflow={"tracking_uri": uri, "experiment": "tests", "registered_model_name": "test_emotion"})
-    return run_training(cfg), out / "main", uri
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(run_training, cfg)
+        deadline = time.time() + 900
+        # A checkpoint folder appears while it uploads; the controller's snapshot lists it only
+        # once registered, and only a registered checkpoint is what a restarted group resumes from.
+        while not _registered_checkpoints(out / "main"):
+            assert time.time() < deadline and not future.done(), "no checkpoint was registered"
+            time.sleep(0.1)
+        pids = _train_worker_pids()
+        assert len(pids) == 2
+        os.kill(pids[-1], signal.SIGKILL)
+        assert not (out / "main" / "model.keras").exists(), "killed too late: training had finished"
+        result = future.result(timeout=1800)
+    return result, out / "main", uri
 
 
 def test_two_workers_beat_chance_on_the_test_split(trained):
@@ -103,7 +119,8 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert run.info.status == "FINISHED"
     assert run.data.params["learning_rate"] == "0.0005" and run.data.params["model.architecture"] == "seed_cnn"
     val_loss = client.get_metric_history(run.info.run_id, "val_loss")
-    assert len(val_loss) == result["epochs_run"]
+    # Logged live each epoch; an epoch the killed group had begun again is logged at its step again.
+    assert sorted({m.step for m in val_loss}) == list(range(1, result["epochs_run"] + 1))
     assert run.data.metrics["test_categorical_accuracy"] == pytest.approx(result["categorical_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png", "reliability.png"} <= artifacts
@@ -164,77 +181,64 @@ def _registered_checkpoints(run_dir: Path) -> list:
 
 
 def _train_worker_pids() -> list[int]:
-    pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            pids.append(proc.pid)
-    return pids
+    """This test session's Train workers (its Ray runs under this process; other Rays on the machine don't count)."""
+    return [proc.pid for proc in psutil.Process().children(recursive=True)
+            if "RayTrainWorker" in " ".join(proc.cmdline())]
 
 
-def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(ray_session, prepared_demo, tmp_path):
-    cfg = train_config(prepared_demo, tmp_path, run_name="fault", epochs=5, early_stopping_patience=20,
-                       max_failures=2)
-    with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(run_training, cfg)
-        deadline = time.time() + 600
-        # A checkpoint folder appears while it uploads; the controller's snapshot lists it only
-        # once registered, and only a registered checkpoint is what a restarted group resumes from.
-        while not _registered_checkpoints(tmp_path / "fault"):
-            assert time.time() < deadline and not future.done(), "no checkpoint was registered"
-            time.sleep(0.1)
-        pids = _train_worker_pids()
-        assert len(pids) == 2
-        os.kill(pids[-1], signal.SIGKILL)
-        assert not (tmp_path / "fault" / "model.keras").exists(), "killed too late: training had finished"
-        result = future.result(timeout=900)
+def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(trained):
+    result, run_dir, _ = trained
     starts = result["training_starts"]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 1, starts  # resumed, not restarted
-    assert result["epochs_run"] == 5
-    history = pd.read_csv(tmp_path / "fault" / "history.csv")
-    assert list(history["epoch"]) == list(range(1, 6))
+    history = pd.read_csv(run_dir / "history.csv")
+    assert list(history["epoch"]) == list(range(1, result["epochs_run"] + 1))  # no epoch lost or doubled
 
 
-@pytest.mark.parametrize("backbone", [False, True], ids=["seed_cnn", "mobilenet_v3_small_from_a_file"])
-def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path, backbone):
-    """And with a pretrained backbone, on 2 workers: the weights file the driver read reaches every
-    worker, and with freeze_epochs the backbone (the reused part) comes out exactly as it went in."""
+def test_training_prepares_an_image_folder_on_the_fly_with_a_backbone_from_a_file(ray_session, tmp_path):
+    """An image folder as `data` is prepared into the run; with a pretrained backbone on 2 workers
+    the weights file the driver read reaches every worker, and with freeze_epochs the backbone
+    (the reused part) comes out exactly as it went in."""
     from emotion_ray.demo import make_demo_dataset
+    from emotion_ray.model import keras, load_model
 
-    images = make_demo_dataset(tmp_path / "imgs", per_class=15, seed=4, canvas=48) and tmp_path / "imgs"
-    extra, source = {}, None
-    if backbone:
-        from emotion_ray.model import keras
-
-        source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
-        source.save_weights(str(tmp_path / "v3.h5"))
-        extra = {"workers": 2, "model": {"architecture": "mobilenet_v3_small", "grey": True, "freeze_epochs": 1,
-                                         "backbone_weights": str(tmp_path / "v3.h5")}}
-    result = run_training(TrainConfig(**{"data": str(images), "output": str(tmp_path / "runs"), "run_name": "fly",
-                                         "workers": 1, "epochs": 1, "batch_size": 8, "image_size": 32,
-                                         "mlflow": {"enabled": False}, **extra}))
+    images = tmp_path / "imgs"
+    make_demo_dataset(images, per_class=15, seed=4, canvas=48)
+    source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
+    source.save_weights(str(tmp_path / "v3.h5"))
+    model = {"architecture": "mobilenet_v3_small", "grey": True, "freeze_epochs": 1,
+             "backbone_weights": str(tmp_path / "v3.h5")}
+    result = run_training(TrainConfig(data=str(images), output=str(tmp_path / "runs"), run_name="fly", workers=2,
+                                      epochs=1, batch_size=8, image_size=32, model=model, mlflow={"enabled": False}))
     assert (Path(result["run_dir"]) / "dataset" / "manifest.json").exists()
-    assert (Path(result["run_dir"]) / "model.keras").exists()
-    if backbone:
-        from emotion_ray.model import load_model
-
-        saved = load_model(str(Path(result["run_dir"]) / "model.keras"))
-        trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
-        assert len(trained.weights) == len(source.weights) > 100
-        for a, b in zip(source.get_weights(), trained.get_weights()):
-            np.testing.assert_array_equal(a, b)
+    saved = load_model(str(Path(result["run_dir"]) / "model.keras"))
+    trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
+    assert len(trained.weights) == len(source.weights) > 100
+    for a, b in zip(source.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
-def test_gpu_workers_train_and_evaluate(prepared_demo, tmp_path):
-    """The GPU path on declared GPUs: Train places one GPU per worker and the test evaluation
-    asks for one, as on a GPU node. Both GPUs must be held while it trains."""
-    summary, fewest_free_gpus = run_on_declared_gpus(f"""
-from emotion_ray.config import TrainConfig
+def test_gpu_workers_train_evaluate_and_score(prepared_demo, tmp_path):
+    """The GPU path on declared GPUs, in one private Ray: Train places one GPU per worker and the
+    test evaluation asks for one, as on a GPU node; then `score` with use_gpu starts one predictor
+    per GPU. Both GPUs must be held while it trains, and again while it scores."""
+    summary, _ = run_on_declared_gpus(f"""
+from emotion_ray.config import ScoreConfig, TrainConfig
+from emotion_ray.demo import make_demo_dataset
+from emotion_ray.score import score
 from emotion_ray.train import run_training
-summary = run_training(TrainConfig(data={str(prepared_demo)!r}, output={str(tmp_path)!r}, run_name="gpu",
+trained = run_training(TrainConfig(data={str(prepared_demo)!r}, output={str(tmp_path)!r}, run_name="gpu",
                                    workers=2, use_gpu=True, epochs=1, batch_size=16, mlflow={{"enabled": False}}))
+training_free_gpus = min(free_gpus)
+scoring_from = len(free_gpus)
+make_demo_dataset({str(tmp_path / "to_score")!r}, per_class=4, seed=3, canvas=64)
+scored = score(ScoreConfig(model={str(tmp_path / "gpu")!r}, inputs=[{str(tmp_path / "to_score")!r}],
+                           output={str(tmp_path / "scores")!r}, use_gpu=True), show_progress=False)
+summary = {{"trained": trained, "training_free_gpus": training_free_gpus, "scored": scored,
+            "scoring_free_gpus": min(free_gpus[scoring_from:])}}
 """, timeout=600)
-    assert summary["test_rows"] > 0 and fewest_free_gpus == 0
+    assert summary["trained"]["test_rows"] > 0 and summary["training_free_gpus"] == 0
     assert (tmp_path / "gpu" / "model.keras").exists()
+    assert summary["scored"]["rows"] == 12 and summary["scoring_free_gpus"] == 0
 
 
 @pytest.mark.fast
