@@ -48,11 +48,13 @@ log = logging.getLogger(__name__)
 # owned names are then only those matching the caller's well-known patterns.
 
 LOCK_NAME = "_emotion_ray_lock.json"  # OutputLock's file; never listed, never counted as content
+LOG_PREFIX = "_emotion_ray_log"  # the CLI's log files (console.py): never listed, never content, never deleted
 
 
 def _is_lock_name(name: str) -> bool:
-    """The lock file and its short-lived helpers (temp, mutex, probe) all start with LOCK_NAME."""
-    return name.startswith(LOCK_NAME)
+    """The lock file and its short-lived helpers (temp, mutex, probe) all start with LOCK_NAME;
+    the run logs are treated alike."""
+    return name.startswith((LOCK_NAME, LOG_PREFIX))
 
 
 def _comparable(uri: str) -> tuple[str, str]:
