@@ -90,6 +90,10 @@ def session(stage: str, verbose: bool = False) -> Iterator[Session]:
     A Ray started inside is shut down before the streams come back, so its last lines stay in
     the log. An unexpected exception's traceback goes to the log too (the CLI prints it again)."""
     global _session
+    try:  # fds 1 and 2 exist (not a daemon without them)
+        os.fstat(1), os.fstat(2)
+    except OSError:
+        verbose = True
     if verbose:
         _session = Session(stage, True, sys.stdout, sys.stderr)
         try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import __version__, outputs, sources, storage
+from emotion_ray import __version__, console, outputs, sources, storage
 from emotion_ray.config import PrepareConfig
 from emotion_ray.dataset import MANIFEST, SPLITS
 from emotion_ray.errors import ConfigError
@@ -117,11 +117,14 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
 
 
-def decode_and_split(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
+def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
     """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on) and give
-    each row its split (or `rejected`), in shard column order."""
+    each row its split (or `rejected`), in shard column order; counts the files into `progress`
+    (a console.Tally handle) when given."""
     decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True,
                                    hash_files=True)  # splits and duplicates come from the bytes' hash
+    if progress is not None:
+        progress.add.remote(batch.num_rows)
     return with_split(decoded, cfg.splits)
 
 
@@ -250,22 +253,26 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)
+        console.keep_log_in(cfg.output)  # ours now: the CLI's log moves in
         runtime.init_ray()
         sources.check_decode_fits(DECODE_BATCH, cfg.image_size, cfg.faces, runtime.node_capacities())
-        manifest = _write_dataset(cfg, listing)
+        with console.remote_progress(len(listing.files), "decoding", "file") as progress:
+            manifest = _write_dataset(cfg, listing, progress)
         lock.check()  # still ours: another run did not take the output over while this one stalled
         storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
     return manifest
 
 
-def _write_dataset(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
-    """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write."""
+def _write_dataset(cfg: PrepareConfig, listing: Listing, progress=None) -> dict[str, Any]:
+    """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write.
+    `progress`: a console.Tally handle the decode tasks count files into, or None."""
     # Shards in folder order would hold one class each; training streams shards with only a
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
     ds = sources.listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
     ds = ds.map_batches(decode_and_split, batch_format="pyarrow", batch_size=DECODE_BATCH,
-                        fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]})},  # the listing travels as data
+                        fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]}),  # the listing travels as data
+                                   "progress": progress},
                         memory=sources.decode_task_memory(DECODE_BATCH, cfg.image_size, cfg.faces))
     ds.write_parquet(
         storage.strip_scheme(cfg.output) if storage.is_s3(cfg.output) else cfg.output,
