@@ -183,7 +183,7 @@ def keep_log_in(folder: str) -> None:
     old = _session.log_path
     from emotion_ray.outputs import LOG_PREFIX
 
-    new = os.path.join(os.path.abspath(folder), f"{LOG_PREFIX}_{_session.stage}.log")
+    new = os.path.join(folder, f"{LOG_PREFIX}_{_session.stage}.log")
     try:
         new_fd = _open_log(new)
     except OSError:
@@ -249,13 +249,15 @@ def remote_progress(total: int, desc: str, unit: str, poll_seconds: float = 0.5)
     def show() -> None:
         with contextlib.suppress(Exception):  # the actor not up yet, or Ray shutting down
             done, postfix = ray.get(tally.read.remote(), timeout=5)
-            bar.update(min(done, total) - bar.n)  # a retried task counts twice
             if postfix:
                 bar.set_postfix(postfix, refresh=False)
-            bar.refresh()
+            bar.update(min(done, total) - bar.n)  # a retried task counts twice
+            bar.refresh()  # the elapsed time moves on while the count waits
+            if done >= total:
+                bar.close()  # its time and rate are the work's, not what the stage does after
 
     def poll() -> None:
-        while not stop.wait(poll_seconds):
+        while not stop.wait(poll_seconds) and not bar.disable:  # closed: all done
             show()
 
     thread = threading.Thread(target=poll, name="emotion_ray-progress", daemon=True)

@@ -124,8 +124,9 @@ def _trials_bar():
             self.bar = console.progress(total=total_num_samples, desc="tuning", unit="trial")
 
         def on_step_end(self, iteration, trials, **info):
-            if self.bar is not None:  # restored trials that had finished count too
-                self.bar.update(sum(t.status in ("TERMINATED", "ERROR") for t in trials) - self.bar.n)
+            finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)  # restored ones too
+            if self.bar is not None and finished != self.bar.n:
+                self.bar.update(finished - self.bar.n)
 
         def on_experiment_end(self, trials, **info):
             self.on_step_end(0, trials)
