@@ -174,10 +174,10 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     from emotion_ray.train import resolve_dataset, run_storage
 
     cfg = load_tune_config(config_path, overrides)
-    console.keep_log_in(cfg.experiment_dir)
     init_ray()
     user_cpus_per_worker = cfg.trial.cpus_per_worker
     concurrency, cpus_per_worker = _check_resources(cfg)
+    console.keep_log_in(cfg.experiment_dir)  # a search that can run: its folder is made
     cfg.trial.cpus_per_worker = cpus_per_worker  # one decision for every trial, made here
     probe = cfg.train_config({})
     dataset_uri, manifest = resolve_dataset(probe, cfg.experiment_dir)
