@@ -158,8 +158,7 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
     run_name = cfg.run_name or "run_" + dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     run_dir = storage.join(cfg.output, run_name)
     # A run directory holding only the CLI's log is a run that stopped before it started.
-    exists = storage.exists(run_dir, cfg.storage) and any(
-        not name.startswith(outputs.LOG_PREFIX) for name in storage.listdir_names(run_dir, cfg.storage))
+    exists = any(not name.startswith(outputs.LOG_PREFIX) for name in storage.listdir_names(run_dir, cfg.storage))
     if exists and not cfg.resume:
         raise ConfigError(f"run {run_dir} already exists; pass --resume to continue it, or choose a new --run-name")
     if cfg.resume and not exists:

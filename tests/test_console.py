@@ -192,3 +192,17 @@ def test_train_draws_prepare_and_epoch_bars_and_a_summary(ray_session, env, tmp_
         lines[-1].startswith(f"run          {run}: model.keras"), text
     log = (run / "_emotion_ray_log_train.log").read_text()
     assert "RayTrainWorker" in log or "ray.train" in log, log[-3000:]
+
+
+@pytest.mark.fast
+def test_a_folder_holding_only_a_log_is_still_free_for_its_stage(tmp_path):
+    from emotion_ray import outputs
+    from emotion_ray.config import ConfigError, TrainConfig
+    from emotion_ray.train import run_training
+
+    for folder in ("scores", "runs/r"):  # as a run that stopped before it wrote anything leaves them
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / f"{outputs.LOG_PREFIX}_x.log").write_text("Ray said things\n")
+    outputs.claim_folder(str(tmp_path / "scores"), "_emotion_ray_scores", "score")  # not refused as foreign
+    with pytest.raises(ConfigError, match="cannot resume: no run at"):  # the log is no run
+        run_training(TrainConfig(data="d", output=str(tmp_path / "runs"), run_name="r", resume=True))
