@@ -1,4 +1,4 @@
-"""The terminal (driver only): quiet by default, the project's own bars and summaries on screen.
+"""The terminal (the driver; its Tally actor anywhere): quiet by default, the project's own bars and summaries.
 
 `session(stage)` wraps one CLI command. Inside it, file descriptors 1 and 2 point at a log file,
 so everything Ray and TensorFlow print (Python logging and warnings, C++ lines such as
