@@ -38,6 +38,7 @@ test-fast: install
 bench: install
 	$(BIN)/python -m bench.prepare
 	$(BIN)/python -m bench.train
+	$(BIN)/python -m bench.train --recipe
 	$(BIN)/python -m bench.score
 	$(BIN)/python -m bench.faces
 	$(BIN)/python -m bench.quality

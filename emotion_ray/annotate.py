@@ -17,9 +17,10 @@ OTHER_COLOUR = (230, 160, 20)
 
 def annotate(path: str, records: list[dict[str, Any]], out_path: str, storage_cfg: StorageConfig | None = None) -> str:
     """Draw `records` (inference.as_records rows of one picture) on the displayed picture at
-    `path`, as a PNG at `out_path`. A face gets its box and "label probability"; a whole-image
-    prediction or an error is written in the top-left corner. Returns `out_path`."""
-    img = Image.open(io.BytesIO(storage.read_bytes(path, storage_cfg)))
+    `path` (as the `path` column names it), as a PNG at `out_path`. A face gets its box and
+    "label probability"; a whole-image prediction or an error is written in the top-left
+    corner. Returns `out_path`."""
+    img = Image.open(io.BytesIO(storage.read_listed(path, storage_cfg)))
     img = ImageOps.exif_transpose(img).convert("RGB")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default(size=max(12, img.width // 40))

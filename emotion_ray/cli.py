@@ -16,6 +16,7 @@ import traceback
 from typing import Any, Callable
 
 from emotion_ray import console, summary
+from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import PredictConfig, PrepareConfig, ScoreConfig, TrainConfig, load_config, parse_override
 from emotion_ray.errors import EmotionRayError
 
@@ -49,6 +50,7 @@ TRAIN_FLAGS: list[Flag] = [
     ("--no-mlflow", "mlflow.enabled", {"action": "store_const", "const": False}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
+MIN_CONFIDENCE_HELP = "0..1: label rows whose top probability is below it `uncertain` (default off)"
 SCORE_FLAGS: list[Flag] = [
     ("--model", "model", {"help": "run dir, .keras file, or models:/name/version"}),
     ("--input", "inputs", {"nargs": "+", "help": "folders, s3:// prefixes, .zip/.tar archives, or .txt files of paths"}),
@@ -56,11 +58,14 @@ SCORE_FLAGS: list[Flag] = [
     ("--batch-size", "batch_size", {"type": int}),
     ("--num-predictors", "num_predictors", {"type": int}),
     ("--use-gpu", "use_gpu", {"action": "store_const", "const": True}),
+    ("--overwrite", "overwrite", {"action": "store_const", "const": True,
+                                  "help": "delete the predictions already in --output and score everything again"}),
     ("--no-retry-errors", "retry_errors", {"action": "store_const", "const": False,
                                            "help": "keep earlier unreadable rows on a re-run"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
     ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "all: a row per face; default: as "
                                "the model was trained"}),
+    ("--min-confidence", "min_confidence", {"type": float, "help": MIN_CONFIDENCE_HELP}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
 PREDICT_FLAGS: list[Flag] = [
@@ -68,6 +73,7 @@ PREDICT_FLAGS: list[Flag] = [
     ("--batch-size", "batch_size", {"type": int, "help": "as score's, for identical probabilities"}),
     ("--tracking-uri", "mlflow_tracking_uri", {}),
     ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "default: as the model was trained"}),
+    ("--min-confidence", "min_confidence", {"type": float, "help": MIN_CONFIDENCE_HELP}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
 ]
 
@@ -122,9 +128,17 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
         lines.append(f"  {split:5s} {sum(per_class.values()):6d}  " + "  ".join(f"{c}={n}" for c, n in per_class.items()))
     if m["duplicates"]["duplicate_rows"]:
         lines.append(f"  exact duplicates: {m['duplicates']['duplicate_rows']} rows in {m['duplicates']['groups']} groups")
-    for kind in ("rejects", "ignored"):
+    g = m.get("groups", {})
+    if "groups" in g:
+        lines.append(f"  groups: {g['groups']} ({g['groups_of_several_pictures']} of several pictures, largest "
+                     f"{g['largest_group_pictures']}), near-duplicate pairs {g['near_duplicate_pairs']}; "
+                     f"{g['groups_straddling_hash_split']} would have straddled a plain hash split")
+        if g["groups_across_splits"]:
+            lines.append(f"  warning: {g['groups_across_splits']} groups cross the given splits (near-duplicates or "
+                         "one group key in two of train/val/test): test figures may measure memory")
+    for kind, listed_in in (("rejects", "rejects.parquet"), ("ignored", m["ignored"].get("listed_in"))):
         if m[kind]["by_reason"]:
-            lines.append(f"  {kind} by reason: {m[kind]['by_reason']}")
+            lines.append(f"  {kind} by reason: {m[kind]['by_reason']}" + (f" (paths: {listed_in})" if listed_in else ""))
     if m.get("faces"):
         lines.append(f"  pictures by faces found ({m['faces']['detector']}, {m['faces']['mode']}): "
                      f"{m['faces']['pictures_by_faces']}")
@@ -167,6 +181,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             else:
                 probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
                 print(f"{where}: {r['label']} ({r['confidence']:.3f})  {probs}", file=out)
+    if cfg.min_confidence is not None:
+        unsure = sum(r["label"] == UNCERTAIN for r in results)
+        print(f"{unsure} of {len(results)} rows {UNCERTAIN} (top probability below {cfg.min_confidence:g})",
+              file=sys.stderr if args.json else out)
     if args.annotate:
         from emotion_ray.annotate import annotate
 

@@ -7,7 +7,9 @@ keys are errors, so a typo never silently falls back to a default. Defaults run 
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -85,10 +87,46 @@ class PrepareConfig(DecodeLimits):
     split_by: Literal["hash", "folder"] = Field(
         "hash", description="hash: splits from each file's sha256 and `splits`; folder: each input holds "
         "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders.")
-    rows_per_shard: int = Field(2000, gt=0, description="Most rows in one Parquet file.")
+    # Bits of 64, measured (README, prepare; emotion_ray/groups.py): resized (0.5-1.5x) and
+    # re-encoded (JPEG quality 30-90) copies come within 0-8 bits, mostly 0-4; a crop of 1 % of
+    # each side within 6 for 97 % of pictures, of 3 % for only half. Of the 32 million pairs among
+    # 8,000 FER2013 faces, about 1 in 100,000 came within 6 bits (most of those near-copies by eye)
+    # and groups stayed small (largest 9 faces), where 8 bits chained 61 faces and 10 bits 555.
+    # pHash sets exactly 32 of its 64 bits, so distances are even: 6 and 7 group the same pairs.
+    near_duplicate_distance: int = Field(
+        6, ge=0, le=32, description="Pictures whose perceptual hashes (pHash, 64 bits) differ in at most this "
+        "many bits share a group, and so a split. 0: off (exact copies still share one).")
+    group_pattern: str | None = Field(
+        None, description="Regular expression searched in each file's path within its class folder; its first "
+        "capture group is the file's group key (e.g. the person: `^([a-z]+)_\\d+`). Files with one key share a split.")
+    group_file: str | None = Field(
+        None, description="CSV (local or s3://) with a header row and columns `path` (relative to the input root, "
+        "or the full path) and `group`: files with one group share a split.")
+    shard_bytes: int = Field(
+        128 * 1024**2, ge=1024**2, description="Decoded pixels gathered into one write; each split's Parquet "
+        "file gets its share of them (raw pixels barely compress: ~90 MB train, ~25 MB val and ~13 MB test "
+        "files at the default splits), so files stay tens of MB at any image size.")
     faces: FaceConfig = Field(default_factory=FaceConfig)
     overwrite: bool = Field(False, description="Replace an existing prepared dataset at `output`.")
     storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    @field_validator("group_pattern")
+    @classmethod
+    def _pattern_has_a_group(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        try:
+            compiled = re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc}): {value!r}") from None
+        if compiled.groups < 1:
+            raise ValueError(f"needs a capture group, the group key, e.g. ^([a-z]+)_\\d+ ; got {value!r}")
+        return value
+
+    @property
+    def grouping(self) -> bool:
+        """Whether splits need the global grouping pass (near-duplicates or user groups)."""
+        return self.near_duplicate_distance > 0 or self.group_pattern is not None or self.group_file is not None
 
     @field_validator("classes")
     @classmethod
@@ -129,27 +167,62 @@ class AugmentationConfig(StrictModel):
     )
 
 
+# Architectures built on a tf.keras.applications backbone (model.py), which `backbone_weights` and
+# `grey` apply to. MobileNetV2: Sandler et al. 2018; MobileNetV3: Howard et al. 2019; EfficientNet:
+# Tan & Le 2019.
+BACKBONE_ARCHITECTURES = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0")
+# Smallest image side each architecture takes: Keras refuses backbones under 32x32; face_cnn pools
+# three times by 2.
+MIN_IMAGE_SIZE = {"face_cnn": 16, **{name: 32 for name in BACKBONE_ARCHITECTURES}}
+
+
 class ModelConfig(StrictModel):
-    architecture: Literal["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"] = "seed_cnn"
-    dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn has none).")
+    architecture: Literal["seed_cnn", "wide_cnn", "face_cnn", "mobilenet_v2", "mobilenet_v3_small",
+                          "efficientnet_b0"] = "seed_cnn"
+    dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn and the backbones "
+                             "have none).")
     filter_multiplier: float = Field(1.0, gt=0, le=8)
     dropout: float = Field(0.0, ge=0, lt=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     backbone_weights: str | None = Field(
         None,
-        description="Local or s3:// weights file for a tf.keras.applications backbone; "
-        "never downloaded at run time. Unset means random initial weights.",
+        description="The backbone's initial weights (mobilenet_v2, mobilenet_v3_small, efficientnet_b0; ignored "
+        "by the others): imagenet (Keras' ImageNet file, downloaded once by the driver into Keras' cache), a "
+        "local or s3:// HDF5 file written by the backbone's save_weights, or none (unset): random weights.",
     )
+    grey: bool = Field(False, description="Backbones: turn pictures into their BT.601 luma (on all three channels) "
+                       "before the backbone, so colour photos look like grey training faces (face_cnn always does).")
     init_from: str | None = Field(
         None, description="Start from an earlier model (transfer learning): a run directory, a .keras file with "
         "labels.json beside it (local or s3://) or models:/name/version. Every layer but its classifier is "
         "reused (architecture options above are then ignored); the classifier is rebuilt for this run's "
         "classes, keeping the weights of classes it shares by name (case-insensitive).")
-    freeze_epochs: int = Field(0, ge=0, description="With init_from: train only the new classifier for this many "
-                               "epochs first (the reused layers frozen), then every layer.")
+    freeze_epochs: int = Field(0, ge=0, description="With init_from or a pretrained backbone (backbone_weights "
+                               "set): train only the new classifier for this many epochs first (the reused "
+                               "layers, or the backbone, frozen), then every layer.")
     fine_tune_learning_rate: float | None = Field(
-        None, gt=0, lt=1, description="With init_from: the learning rate while the reused layers train. "
-        "Unset: a tenth of learning_rate (large steps would undo what the earlier model learned).")
+        None, gt=0, lt=1, description="With init_from or a pretrained backbone: the learning rate while the reused "
+        "layers train. Unset: a tenth of learning_rate (large steps would undo what they learned).")
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _no_weights_is_none(cls, value: str | None) -> str | None:
+        if value is None or value.strip().lower() in ("", "none"):
+            return None
+        return "imagenet" if value.strip().lower() == "imagenet" else value.strip()
+
+    @property
+    def pretrained_backbone(self) -> bool:
+        """Whether the run starts from backbone weights (the backbone is then the reused part)."""
+        return not self.init_from and self.architecture in BACKBONE_ARCHITECTURES and self.backbone_weights is not None
+
+    def image_size_problem(self, image_size: int) -> str | None:
+        """Why this architecture cannot take `image_size` px images, or None (init_from: the earlier model's
+        size is checked against the dataset instead)."""
+        least = MIN_IMAGE_SIZE.get(self.architecture, 0)
+        if self.init_from or image_size >= least:
+            return None
+        return f"model.architecture {self.architecture} needs image_size >= {least}, got {image_size}"
 
 
 class MlflowConfig(StrictModel):
@@ -211,10 +284,9 @@ class TrainConfig(StrictModel):
             )
         if self.resume and not self.run_name:
             raise ValueError("resume needs run_name: the run to continue")
-        if self.model.architecture == "mobilenet_v2" and self.image_size is not None and self.image_size < 32:
-            raise ValueError("mobilenet_v2 needs image_size >= 32")
-        if self.model.architecture == "face_cnn" and self.image_size is not None and self.image_size < 16:
-            raise ValueError("face_cnn needs image_size >= 16 (three 2x poolings)")
+        problem = self.image_size and self.model.image_size_problem(self.image_size)
+        if problem:
+            raise ValueError(problem)
         if self.warmup_epochs and self.lr_schedule != "cosine":
             raise ValueError("warmup_epochs needs lr_schedule: cosine")
         if self.warmup_epochs >= self.epochs:
@@ -231,6 +303,10 @@ class InferenceConfig(DecodeLimits):
     )
     faces: FaceConfig | None = Field(
         None, description="Unset: as the model was trained (its labels.json), else whole images.")
+    min_confidence: float | None = Field(
+        None, ge=0, le=1, description="Abstention: rows whose top (calibrated) probability is below this are "
+        "labelled `uncertain`, their probabilities still written, and counted. Unset: off. metrics.json's "
+        "calibration.suggested_min_confidence is one chosen on the validation split.")
     mlflow_tracking_uri: str = Field(default_factory=default_tracking_uri)
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
@@ -266,7 +342,15 @@ class ScoreConfig(InferenceConfig):
         description="With use_gpu: how long the initial predictors may take to start (an autoscaler adding "
         "GPU nodes included) before the job fails with a clear error instead of waiting forever for GPUs.",
     )
-    rows_per_file: int = Field(10_000, ge=1, description="Rows per output Parquet file.")
+    rows_per_file: int = Field(
+        1_000_000, ge=1, description="Rows per output Parquet file: a million rows is about 25 MB (more with long, "
+        "varied paths), a size data lakes like (10,000 rows made 0.26 MB files). Smaller part files written on "
+        "the way are merged at the end.")
+    flush_seconds: float = Field(
+        600, gt=0, description="Rows wait in memory at most this long before they go to a part file: the most "
+        "scoring an interruption can lose (a re-run scores the rest).")
+    overwrite: bool = Field(False, description="Delete the predictions already in `output` and score everything "
+                            "again (the way to score into an output that another model wrote).")
     retry_errors: bool = Field(True, description="A re-run scores again the files that failed for a reason that "
                                "may pass (unreadable: missing, permissions, credentials, network).")
     max_inflight_bytes: int = Field(
@@ -448,7 +532,7 @@ class TuneConfig(StrictModel):
 
         data: dict[str, Any] = {}
         for key, value in self.base.items():
-            set_dotted(data, key, value)
+            set_dotted(data, key, copy.deepcopy(value))  # a section of base (model: {...}) is never written to
         for key, value in sampled.items():
             set_dotted(data, key, value)
         data.update(

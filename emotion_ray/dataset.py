@@ -1,7 +1,8 @@
 """Reading a prepared dataset: its manifest, and one split as a Ray Dataset.
 
 A dataset is complete exactly when its `manifest.json` exists (prepare writes it last); an
-incomplete one is never read. Layout: see prepare.py.
+incomplete one is never read. Layout: see prepare.py (the Parquet files are under data/, or at the
+top in datasets from before it; the manifest's shard list names them either way).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ def read_manifest(dataset_uri: str, storage_cfg: StorageConfig | None = None) ->
     if not storage.exists(uri, storage_cfg):
         raise ConfigError(f"{dataset_uri} is not a complete prepared dataset (no {MANIFEST}); run `emotion-ray prepare`")
     return storage.read_json(uri, storage_cfg)
+
+
+def manifest_sha256(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> str:
+    """The sha256 of the dataset's manifest.json: the dataset's identity (its shards, counts, sources)."""
+    import hashlib
+
+    return hashlib.sha256(storage.read_bytes(storage.join(dataset_uri, MANIFEST), storage_cfg)).hexdigest()
 
 
 def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None):

@@ -1,9 +1,11 @@
 """Evaluation: a run's best checkpoint -> test metrics, plots, the run directory and MLflow.
 
 `evaluate_checkpoint` runs as a Ray task (on a GPU when training had them) through the same
-`inference.Predictor` as score and predict, over the whole test split (outside any strategy,
-so no row is dropped); `export_run` (driver) writes the run directory: model.keras (inference
-only), labels.json, config.yaml, history.csv, metrics.json and plots, then logs to MLflow.
+`inference.Predictor` as score and predict, over the whole validation and test splits (outside
+any strategy, so no row is dropped): it fits the temperature on val (calibration.py) and
+measures it on test; `export_run` (driver) writes the run directory: model.keras (inference
+only), labels.json (with the temperature), config.yaml, history.csv, metrics.json and plots
+(reliability.png among them), then logs to MLflow.
 """
 
 from __future__ import annotations
@@ -23,14 +25,37 @@ from emotion_ray.errors import ConfigError
 from emotion_ray.inference import LABELS_FILE, MODEL_FILE
 
 EVALUATION_BATCH = 256
+RELIABILITY_PLOT = "reliability.png"
+
+
+def _split_probabilities(predictor, dataset_uri: str, split: str, storage_cfg: StorageConfig,
+                         image_size: int, num_classes: int):
+    """(probabilities (N, classes) float32, label indices (N,) int64) of one split; 0 rows when
+    the dataset has no such split."""
+    import numpy as np
+
+    from emotion_ray.dataset import load_split
+    from emotion_ray.images import pixels_from_arrow
+
+    probs, labels = [np.zeros((0, num_classes), np.float32)], [np.zeros(0, np.int64)]
+    try:
+        rows = load_split(dataset_uri, split, storage_cfg)
+    except ConfigError:
+        rows = None
+    if rows is not None:
+        for batch in rows.iter_batches(batch_size=EVALUATION_BATCH, batch_format="pyarrow"):
+            probs.append(predictor.probabilities(pixels_from_arrow(batch["image"], image_size)))
+            labels.append(batch["label_index"].to_numpy().astype(np.int64))
+    return np.concatenate(probs), np.concatenate(labels)
 
 
 def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str],
                         image_size: int) -> dict[str, Any]:
-    """Ray task: the best model's test metrics (metrics.classification_metrics), its file's
-    bytes and the training state. A dataset without a test split gets metrics over 0 rows."""
-    from emotion_ray.dataset import load_split
-    from emotion_ray.images import pixels_from_arrow
+    """Ray task: the best model's test metrics (metrics.classification_metrics), its
+    temperature fitted on the validation split with the calibration figures on test
+    (calibration.calibration_report: temperature, ece_before, ece_after, calibration), its
+    file's bytes and the training state. A split the dataset lacks counts 0 rows (T = 1)."""
+    from emotion_ray.calibration import calibration_report
     from emotion_ray.inference import ModelBundle, Predictor
     from emotion_ray.metrics import classification_metrics, confusion_matrix
     from emotion_ray.train_worker import BEST_MODEL, STATE_FILE
@@ -40,17 +65,15 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
             model_bytes = fh.read()
         with open(os.path.join(ckpt_dir, STATE_FILE)) as fh:
             state = json.load(fh)
+    # The raw softmax (T = 1): the temperature is fitted on these outputs.
     predictor = Predictor(ModelBundle(model_bytes, classes, image_size, "checkpoint"), EVALUATION_BATCH)
-    confusion = confusion_matrix([], [], len(classes))
-    try:
-        test = load_split(dataset_uri, "test", storage_cfg)
-    except ConfigError:
-        test = None
-    if test is not None:
-        for batch in test.iter_batches(batch_size=EVALUATION_BATCH, batch_format="pyarrow"):
-            probs = predictor.probabilities(pixels_from_arrow(batch["image"], image_size))
-            confusion += confusion_matrix(batch["label_index"].to_numpy(), probs.argmax(axis=1), len(classes))
-    return {"model_bytes": model_bytes, "state": state, "metrics": classification_metrics(confusion, classes)}
+    val_probs, val_labels = _split_probabilities(predictor, dataset_uri, "val", storage_cfg, image_size, len(classes))
+    test_probs, test_labels = _split_probabilities(predictor, dataset_uri, "test", storage_cfg, image_size,
+                                                   len(classes))
+    # A temperature never moves the argmax: these metrics hold for the calibrated model too.
+    metrics = classification_metrics(confusion_matrix(test_labels, test_probs.argmax(axis=1), len(classes)), classes)
+    metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels))
+    return {"model_bytes": model_bytes, "state": state, "metrics": metrics}
 
 
 def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, Any]) -> None:
@@ -86,6 +109,39 @@ def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, 
     ax.set_title("Test confusion matrix")
     fig.savefig(os.path.join(export_dir, "confusion_matrix.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
+    _reliability_plot(plt, os.path.join(export_dir, RELIABILITY_PLOT), metrics)
+
+
+def _reliability_plot(plt, path: str, metrics: dict[str, Any]) -> None:
+    """Reliability diagram of the test split (Guo et al. 2017, fig. 1): per confidence bin, the
+    accuracy before and after temperature scaling against the diagonal of perfect calibration,
+    with each bin's share of the rows below."""
+    cal = metrics["calibration"]
+    before, after = cal["reliability_before"], cal["reliability_after"]
+    edges = before["edges"]
+    width = edges[1] - edges[0]
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, height_ratios=[3, 1])
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    kept = "" if cal["fit"] == "nll_minimum" else " (not fitted)"  # calibration.fit says why
+    for stats, shift, colour, name in ((before, 0.0, "orange", f"raw softmax, ECE {fmt(metrics['ece_before'])}"),
+                                       (after, 0.5, "teal", f"T = {metrics['temperature']:.2f}{kept}, "
+                                                            f"ECE {fmt(metrics['ece_after'])}")):
+        left = [e + shift * width for e, n in zip(edges[:-1], stats["count"]) if n]
+        heights = [a for a, n in zip(stats["accuracy"], stats["count"]) if n]
+        ax.bar(left, heights, width=width / 2, align="edge", color=colour, alpha=0.8, label=name)
+        total = max(sum(stats["count"]), 1)
+        counts.bar([e + shift * width for e in edges[:-1]], [n / total for n in stats["count"]], width=width / 2,
+                   align="edge", color=colour, alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Test reliability ({sum(before['count'])} rows, {len(edges) - 1} bins)")
+    ax.legend(loc="upper left")
+    counts.set_xlabel("confidence (top probability)")
+    counts.set_ylabel("share of rows")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
 
 
 def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[str, Any], run_dir: str,
@@ -105,6 +161,8 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
             MODEL_FILE: out["model_bytes"],
             LABELS_FILE: json.dumps({"classes": classes, "image_size": image_size,
                                      "input": "uint8 RGB, scaled inside the model",
+                                     # inference.Predictor divides the log-probabilities by it
+                                     "temperature": metrics["temperature"],
                                      # score and predict crop faces the same way unless told otherwise
                                      "faces": manifest.get("faces") and {k: v for k, v in manifest["faces"].items()
                                                                          if k != "pictures_by_faces"}},

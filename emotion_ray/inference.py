@@ -6,6 +6,8 @@
   decoded Arrow batches (see sources.decode_table) into prediction rows.
 - Its forward pass runs in fixed-size padded batches, so a file's probabilities never depend on
   which other files share its batch: every caller gets bit-identical numbers for a file.
+- The run's fitted temperature (labels.json `temperature`, calibration.py; 1 when absent) is
+  applied here and nowhere else, so every caller gets the same calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 
 from emotion_ray import storage
+from emotion_ray.calibration import UNCERTAIN, apply_temperature
 from emotion_ray.config import StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import pixels_from_arrow
@@ -41,6 +44,7 @@ class ModelBundle:
     image_size: int
     model_id: str  # the model's URI and content hash, written into every prediction row
     faces: dict | None = None  # the face preprocessing the model was trained with (labels.json), if any
+    temperature: float = 1.0  # fitted on the validation split (labels.json); 1: the raw softmax
 
     def face_config(self, asked):
         """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
@@ -60,7 +64,8 @@ def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> 
         from emotion_ray.tracking import download_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            return dataclasses.replace(bundle_from_files(*download_model(model, tracking_uri, tmp)), model_id=model)
+            bundle = bundle_from_files(*download_model(model, tracking_uri, tmp))
+            return dataclasses.replace(bundle, model_id=f"{model}#{bundle.model_id}")  # the URI and content hash
     model_uri = model if model.endswith(".keras") else storage.join(model, MODEL_FILE)
     labels_uri = storage.join(posixpath.dirname(model_uri) if storage.is_s3(model_uri)
                               else os.path.dirname(os.path.abspath(model_uri)), LABELS_FILE)
@@ -85,8 +90,13 @@ def _content_id(data: bytes) -> str:
 
 
 def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
-    """A bundle from a model file's bytes and its labels.json's contents."""
-    return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"))
+    """A bundle from a model file's bytes and its labels.json's contents (ConfigError on a
+    temperature that is not a positive number)."""
+    temperature = labels.get("temperature", 1.0)
+    if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
+        raise ConfigError(f"model {model_id}: labels.json temperature {temperature!r} is not a positive number")
+    return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"),
+                       float(temperature))
 
 
 def share_gpus() -> None:
@@ -134,9 +144,12 @@ class Predictor:
 
     Used as a Ray Data actor-pool UDF (`bundle` may be an ObjectRef: the model travels through
     the object store, not inside the UDF) and in-process by predict, evaluation and MLflow.
+    Probabilities are the model's softmax at the bundle's temperature (calibration.py). With
+    `min_confidence` (0..1), rows whose top probability is below it are labelled `uncertain`
+    (their confidence and probabilities are still written); ConfigError when a class is called so.
     """
 
-    def __init__(self, bundle: ModelBundle | Any, batch_size: int):
+    def __init__(self, bundle: ModelBundle | Any, batch_size: int, min_confidence: float | None = None):
         from emotion_ray.model import load_model_bytes
 
         if not isinstance(bundle, ModelBundle):  # an ObjectRef
@@ -148,17 +161,22 @@ class Predictor:
         self.forward = forward_pass(self.model)
         self.bundle = bundle
         self.batch_size = batch_size
+        if min_confidence is not None and UNCERTAIN in bundle.classes:
+            raise ConfigError(f"model {bundle.model_id} has a class named {UNCERTAIN!r}, the label of rows below "
+                              "min_confidence: score without min_confidence")
+        self.min_confidence = min_confidence
         probe = np.random.default_rng(0).integers(0, 256, (2, bundle.image_size, bundle.image_size, 3), np.uint8)
         _check_outputs(self.forward(probe).numpy(), bundle.classes, bundle.model_id)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, size, size, 3) uint8 -> (N, classes) float32, in fixed-size padded chunks."""
+        """(N, size, size, 3) uint8 -> (N, classes) float32 calibrated probabilities (the bundle's
+        temperature applied), in fixed-size padded chunks."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
             padded[: len(chunk)] = chunk
-            out.append(self.forward(padded).numpy()[: len(chunk)])
+            out.append(apply_temperature(self.forward(padded).numpy(), self.bundle.temperature)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -170,14 +188,16 @@ class Predictor:
         if good.any():
             probs[good] = self.probabilities(pixels_from_arrow(column, size))
         best = np.nan_to_num(probs, nan=-1.0).argmax(axis=1)
+        top = np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan)
+        unsure = good & (top < self.min_confidence) if self.min_confidence is not None else np.zeros_like(good)
         columns = {"path": batch["path"]}
         for name in FACE_COLUMNS:  # with faces on: which face of the picture, and where
             if name in batch.column_names:
                 columns[name] = batch[name]
         columns.update({
-            "label": pa.array([classes[b] if g else None for b, g in zip(best, good)], pa.string()),
-            "confidence": pa.array(np.where(good, np.nan_to_num(probs.max(axis=1, initial=-1.0)), np.nan),
-                                   pa.float32(), mask=~good),
+            "label": pa.array([(UNCERTAIN if u else classes[b]) if g else None
+                               for b, g, u in zip(best, good, unsure)], pa.string()),
+            "confidence": pa.array(top, pa.float32(), mask=~good),
         })
         for j, c in enumerate(classes):
             columns[f"prob_{c}"] = pa.array(probs[:, j], pa.float32(), mask=~good)
@@ -207,6 +227,7 @@ def predict(cfg) -> list[dict[str, Any]]:
     from emotion_ray.sources import decode_table
 
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
-    decoded = decode_table(pa.table({"path": list(cfg.inputs)}), bundle.image_size, cfg.decode_limits(), cfg.storage,
+    paths = [storage.as_listed(p) for p in cfg.inputs]  # `path` as score writes it (a name that is not UTF-8 escaped)
+    decoded = decode_table(pa.table({"path": paths}), bundle.image_size, cfg.decode_limits(), cfg.storage,
                            bundle.face_config(cfg.faces))
-    return as_records(Predictor(bundle, cfg.batch_size)(decoded), bundle.classes)
+    return as_records(Predictor(bundle, cfg.batch_size, cfg.min_confidence)(decoded), bundle.classes)

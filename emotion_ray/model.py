@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import tempfile
 
+import numpy as np
+
 from emotion_ray.config import ModelConfig, StorageConfig, TrainConfig
 from emotion_ray.errors import ConfigError
 
@@ -86,36 +88,27 @@ def wide_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> keras.Model
     return keras.Sequential(layers, name="wide_cnn")
 
 
-def mobilenet_v2(
-    cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg: StorageConfig | None = None
-) -> keras.Model:
-    """Transfer learning: a MobileNetV2 backbone whose weights come from a user-given file.
-
-    Weights are never downloaded at run time (clusters are often offline); without
-    `backbone_weights` the backbone starts from random weights.
-    """
-    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(inputs)  # MobileNetV2 expects [-1, 1]
-    for layer in _augmentation(cfg, value_range=(-1.0, 1.0)):
-        x = layer(x)
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(image_size, image_size, 3), include_top=False, weights=None, alpha=0.35
-    )
-    if cfg.backbone_weights:
-        from emotion_ray import storage
-
-        with tempfile.TemporaryDirectory() as tmp:
-            local = os.path.join(tmp, os.path.basename(cfg.backbone_weights))
-            storage.download_file(cfg.backbone_weights, local, storage_cfg)
-            backbone.load_weights(local)
-    x = keras.layers.GlobalAveragePooling2D()(backbone(x))
-    for layer in _head(cfg, num_classes):
-        x = layer(x)
-    return keras.Model(inputs, x, name="mobilenet_v2")
-
-
 # ITU-R BT.601 luma, the weights of tf.image.rgb_to_grayscale and PIL's convert("L").
 GREY_WEIGHTS = (0.299, 0.587, 0.114)
+# Layers fixed by design: they stay frozen when the reused layers are unfrozen for fine-tuning.
+FIXED_LAYERS = ("grey",)
+
+
+def _grey(channels: int) -> keras.layers.Layer:
+    """(N, S, S, 3) RGB -> (N, S, S, channels), each channel the BT.601 luma; fixed (never trained).
+    A Dense over the channel axis: a saved model holds it as plain weights, not Python code."""
+    return keras.layers.Dense(
+        channels, use_bias=False, trainable=False, name="grey",
+        kernel_initializer=keras.initializers.Constant([[w] * channels for w in GREY_WEIGHTS]),
+    )
+
+
+def _pooled_classifier(x, cfg: ModelConfig, num_classes: int):
+    """(N, H, W, C) features -> GlobalAveragePooling2D -> Dropout(cfg.dropout) -> Dense softmax (N, classes)."""
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    if cfg.dropout:
+        x = keras.layers.Dropout(cfg.dropout)(x)
+    return keras.layers.Dense(num_classes, activation="softmax")(x)
 
 
 def face_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> keras.Model:
@@ -142,10 +135,7 @@ def face_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> keras.Model
     x = keras.layers.Rescaling(1 / 255)(inputs)
     for layer in _augmentation(cfg):
         x = layer(x)
-    x = keras.layers.Dense(
-        1, use_bias=False, trainable=False, name="grey",
-        kernel_initializer=keras.initializers.Constant([[w] for w in GREY_WEIGHTS]),
-    )(x)
+    x = _grey(channels=1)(x)
     bases = (32, 64, 128, 256)
     for i, base in enumerate(bases):
         x = keras.layers.Conv2D(_filters(base, cfg), (3, 3), padding="same", use_bias=False)(x)
@@ -153,21 +143,99 @@ def face_cnn(cfg: ModelConfig, num_classes: int, image_size: int) -> keras.Model
         x = keras.layers.ReLU()(x)
         if i < len(bases) - 1:
             x = keras.layers.MaxPooling2D()(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    if cfg.dropout:
-        x = keras.layers.Dropout(cfg.dropout)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(x)
-    return keras.Model(inputs, outputs, name="face_cnn")
+    return keras.Model(inputs, _pooled_classifier(x, cfg, num_classes), name="face_cnn")
 
 
-ARCHITECTURES = {"seed_cnn": seed_cnn, "wide_cnn": wide_cnn, "mobilenet_v2": mobilenet_v2, "face_cnn": face_cnn}
+# ImageNet's per-channel standard deviations, as Keras' EfficientNet uses them (see load_backbone_weights).
+IMAGENET_STDDEV_RGB = (0.229, 0.224, 0.225)
+# tf.keras.applications backbones: (constructor, its options, rescaling (scale, offset) applied in front
+# of it, None where the backbone scales [0, 255] inputs itself). Keras' MobileNetV3 (include_preprocessing)
+# rescales to [-1, 1] and its EfficientNet to ImageNet's mean and variance; MobileNetV2 takes [-1, 1].
+BACKBONES = {
+    "mobilenet_v2": (keras.applications.MobileNetV2, {"alpha": 0.35}, (1 / 127.5, -1.0)),
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, {"include_preprocessing": True}, None),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, {}, None),
+}
 
 
-def build_model(cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg: StorageConfig | None = None):
-    builder = ARCHITECTURES[cfg.architecture]
-    if builder is mobilenet_v2:
-        return builder(cfg, num_classes, image_size, storage_cfg)
-    return builder(cfg, num_classes, image_size)
+def backbone_model(cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg: StorageConfig | None = None,
+                   weights: bytes | None = None) -> keras.Model:
+    """A tf.keras.applications backbone (ImageNet-style feature extractor) with a classifier for `num_classes`.
+
+    uint8 RGB (N, S, S, 3), S >= 32 (Keras' minimum; S/32 rounded up is the backbone's output side)
+      -> float32 in [0, 255]                      (N, S, S, 3)
+      -> augmentation (training only)             (N, S, S, 3)
+      -> cfg.grey: fixed BT.601 luma on all three channels, not trained   (N, S, S, 3)
+      -> the backbone, its own preprocessing inside it (MobileNetV2: a Rescaling to [-1, 1] in front)
+                                                  (N, ceil(S/32), ceil(S/32), C)
+      -> GlobalAveragePooling2D -> Dropout(cfg.dropout) -> Dense(num_classes, softmax)   (N, num_classes)
+
+    Backbones (include_top=False): `mobilenet_v2`, MobileNetV2 at width 0.35 (Sandler et al. 2018,
+    C = 1280); `mobilenet_v3_small`, MobileNetV3-Small at width 1.0 (Howard et al. 2019, "Searching for
+    MobileNetV3", C = 576, 0.94 M parameters); `efficientnet_b0` (Tan & Le 2019, "EfficientNet:
+    Rethinking Model Scaling for CNNs", C = 1280, 4.0 M parameters). `weights`: the bytes of the file
+    cfg.backbone_weights names (backbones.resolve_weights; the driver ships them to the workers), read
+    here when not given. With weights the backbone runs in inference mode (BatchNorm keeps the moving
+    statistics it came with, also while fine-tuning: small face batches would otherwise replace them),
+    and training treats it as the reused part (model.freeze_epochs, fine_tune_learning_rate).
+    """
+    constructor, options, rescaling = BACKBONES[cfg.architecture]
+    backbone = constructor(input_shape=(image_size, image_size, 3), include_top=False, weights=None, **options)
+    if cfg.backbone_weights:
+        if weights is None:
+            from emotion_ray.backbones import resolve_weights
+
+            weights = resolve_weights(cfg, storage_cfg)
+        load_backbone_weights(backbone, weights, imagenet=cfg.backbone_weights == "imagenet")
+    inputs = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
+    x = keras.layers.Rescaling(1.0, name="to_float")(inputs)  # a cast: Rescaling casts to float32
+    for layer in _augmentation(cfg, value_range=(0.0, 255.0)):
+        x = layer(x)
+    if cfg.grey:
+        x = _grey(channels=3)(x)
+    if rescaling:
+        x = keras.layers.Rescaling(*rescaling)(x)
+    x = backbone(x, training=False) if cfg.backbone_weights else backbone(x)
+    return keras.Model(inputs, _pooled_classifier(x, cfg, num_classes), name=cfg.architecture)
+
+
+def load_backbone_weights(backbone: keras.Model, data: bytes, imagenet: bool = False) -> None:
+    """Load an HDF5 weights file's bytes (the backbone's `save_weights`, legacy `.h5` or Keras v3
+    `.weights.h5` layout) into `backbone`, built with weights=None. `imagenet`: the file is Keras' own
+    ImageNet file (backbones.IMAGENET_FILES). Keras builds EfficientNet for those weights with one more
+    step after its Normalization layer, x / sqrt(stddev) per channel (tensorflow/tensorflow#49930:
+    the file's variance is the original implementation's stddev); that step is folded into the
+    layer's variance here, so the model needs no layer Keras only adds for weights="imagenet"."""
+    import io
+
+    import h5py
+
+    with h5py.File(io.BytesIO(data), "r") as fh:
+        legacy = "layer_names" in fh.attrs or "model_weights" in fh
+    with tempfile.TemporaryDirectory() as tmp:
+        # tf-keras chooses its reader by the name: `.weights.h5` is the v3 layout, other `.h5` the legacy one.
+        path = os.path.join(tmp, "backbone.h5" if legacy else "backbone.weights.h5")
+        with open(path, "wb") as fh:
+            fh.write(data)
+        backbone.load_weights(path)
+    if imagenet:
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.Normalization):
+                mean, variance, count = layer.get_weights()
+                layer.set_weights([mean, variance * np.array(IMAGENET_STDDEV_RGB, dtype=variance.dtype), count])
+
+
+ARCHITECTURES = {"seed_cnn": seed_cnn, "wide_cnn": wide_cnn, "face_cnn": face_cnn,
+                 **{name: backbone_model for name in BACKBONES}}
+
+
+def build_model(cfg: ModelConfig, num_classes: int, image_size: int, storage_cfg: StorageConfig | None = None,
+                backbone_weights: bytes | None = None) -> keras.Model:
+    """The architecture `cfg` names for `num_classes` classes and `image_size` px uint8 RGB input.
+    `backbone_weights`: for backbones, the bytes of cfg.backbone_weights' file (else read from it)."""
+    if cfg.architecture in BACKBONES:
+        return backbone_model(cfg, num_classes, image_size, storage_cfg, backbone_weights)
+    return ARCHITECTURES[cfg.architecture](cfg, num_classes, image_size)
 
 
 def reuse_for_classes(parent: keras.Model, parent_classes: list[str], classes: list[str]) -> keras.Model:
@@ -198,9 +266,11 @@ def reuse_for_classes(parent: keras.Model, parent_classes: list[str], classes: l
 
 
 def set_reused_trainable(model: keras.Model, trainable: bool) -> None:
-    """Freeze (or unfreeze) every layer but the classifier (the last). Recompile afterwards."""
+    """Freeze (or unfreeze) every layer but the classifier (the last); fixed layers (FIXED_LAYERS: the grey
+    conversion) stay frozen. For a backbone model the reused part is the backbone (the layers in front of it
+    and the pooling hold no weights). Recompile afterwards."""
     for layer in model.layers[:-1]:
-        layer.trainable = trainable
+        layer.trainable = trainable and layer.name not in FIXED_LAYERS
 
 
 def class_weights(counts: dict[str, int], classes: list[str]) -> dict[int, float]:

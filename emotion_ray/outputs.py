@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 
 LOCK_NAME = "_emotion_ray_lock.json"  # OutputLock's file; never listed, never counted as content
 LOG_PREFIX = "_emotion_ray_log"  # the CLI's log files (console.py): never listed, never content, never deleted
+# The sub-folder of an output that holds its Parquet files and nothing else (as an Iceberg table's
+# data/): point pandas, polars, DuckDB ('data/*') or pyarrow.dataset at it and they read only
+# Parquet. Markers, summaries and manifests stay beside it, in the output folder.
+PARQUET_DIR = "data"
+_OWNERSHIP_KEYS = ("written_by", "note", "owner", "written")  # a marker's other fields belong to its stage
 
 
 def _is_lock_name(name: str) -> bool:
@@ -104,12 +109,45 @@ def _read_marker(uri: str, marker: str, storage: StorageConfig | None) -> dict[s
 
 
 def _write_marker(uri: str, marker: str, owner: str, written: Sequence[str],
-                  storage: StorageConfig | None) -> None:
+                  storage: StorageConfig | None, fields: dict[str, Any] | None = None) -> None:
+    """(Re)write the marker; `fields` are the stage's own (see `marker_fields`), kept as they are."""
     write_json_atomic(join(uri, marker), {"written_by": f"emotion_ray {__version__}",
                                           "note": f"this folder is managed by emotion-ray {owner}; "
                                                   "it deletes only the names listed under written",
                                           "owner": owner,
+                                          **(fields or {}),
                                           "written": list(dict.fromkeys(written))}, storage)
+
+
+def _written(info: dict[str, Any]) -> list[str]:
+    return info.get("written") if isinstance(info.get("written"), list) else []
+
+
+def _stage_fields(info: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (info or {}).items() if k not in _OWNERSHIP_KEYS}
+
+
+def _marker_to_update(uri: str, marker: str, storage: StorageConfig | None) -> dict[str, Any]:
+    """The marker's JSON, or StageError when it is gone (another process removed it)."""
+    info = _read_marker(uri, marker, storage)
+    if info is None:
+        raise StageError(f"output {uri} lost its marker {marker} while being written; "
+                         "another process removed it: not writing further")
+    return info
+
+
+def marker_fields(uri: str, marker: str, storage: StorageConfig | None = None) -> dict[str, Any]:
+    """What the stage recorded in its marker besides ownership (e.g. the model a score output is
+    of); {} when there is no marker or it holds none."""
+    return _stage_fields(_read_marker(uri, marker, storage))
+
+
+def set_marker_fields(uri: str, marker: str, fields: dict[str, Any], storage: StorageConfig | None = None) -> None:
+    """Record `fields` in the marker (replacing those of the same names); ownership is untouched.
+    Raises StageError when the marker is gone (call `claim_folder` first)."""
+    info = _marker_to_update(uri, marker, storage)
+    written = _written(info)
+    _write_marker(uri, marker, info.get("owner", "stage"), written, storage, {**_stage_fields(info), **fields})
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -136,7 +174,7 @@ def claim_folder(uri: str, marker: str, owner: str, storage: StorageConfig | Non
     if not isinstance(written, list):
         written = [n for n in names if n != marker and _matches(n, legacy_names)]
     makedirs(uri, storage)
-    _write_marker(uri, marker, owner, written, storage)
+    _write_marker(uri, marker, owner, written, storage, _stage_fields(info))
     return names
 
 
@@ -153,13 +191,10 @@ def record_written(uri: str, marker: str, names: Iterable[str], storage: Storage
 
     Record a name BEFORE writing it, so that a crash mid-write still leaves it ours to clean.
     Raises StageError when the marker is gone (call `claim_folder` first)."""
-    info = _read_marker(uri, marker, storage)
-    if info is None:
-        raise StageError(f"output {uri} lost its marker {marker} while being written; "
-                         "another process removed it: not writing further")
-    written = info.get("written") if isinstance(info.get("written"), list) else []
+    info = _marker_to_update(uri, marker, storage)
+    written = _written(info)
     added = [_check_name(n, marker) for n in names]
-    _write_marker(uri, marker, info.get("owner", "stage"), written + added, storage)
+    _write_marker(uri, marker, info.get("owner", "stage"), written + added, storage, _stage_fields(info))
 
 
 def _temp_siblings(uri: str, owned: Sequence[str], storage: StorageConfig | None) -> list[str]:
@@ -183,7 +218,7 @@ def remove_owned(uri: str, marker: str, storage: StorageConfig | None = None,
     leaves a complete-looking output). Nothing unlisted is touched; a marker without a list
     (see `claim_folder`) deletes nothing. Deleted names leave the list; kept ones stay."""
     info = _read_marker(uri, marker, storage) or {}
-    written = info.get("written") if isinstance(info.get("written"), list) else []
+    written = _written(info)
     keep = list(keep)
     doomed = [n for n in written if not _matches(n, keep)]
     doomed += [n for n in _temp_siblings(uri, written, storage) if not _matches(n, keep)]
@@ -196,7 +231,8 @@ def remove_owned(uri: str, marker: str, storage: StorageConfig | None = None,
             remove(target, storage, recursive=True)
             removed.append(name)
     if info:
-        _write_marker(uri, marker, info.get("owner", "stage"), [n for n in written if n not in doomed], storage)
+        _write_marker(uri, marker, info.get("owner", "stage"), [n for n in written if n not in doomed], storage,
+                      _stage_fields(info))
     return removed
 
 

@@ -1,19 +1,30 @@
 """prepare: list -> read bytes -> decode -> split -> sharded Parquet + manifest + rejects (writes a dataset).
 
 Output layout (local folder or s3:// prefix):
-    split=train/*.parquet, split=val/*.parquet, split=test/*.parquet
+    data/split=train/*.parquet, data/split=val/*.parquet, data/split=test/*.parquet
         columns: image (binary: image_size*image_size*3 uint8 RGB, row-major HWC),
-                 label_index (int32), label (string), path (string), content_hash (sha256 hex)
+                 label_index (int32), label (string), path (string), content_hash (sha256 hex),
+                 group (the row's group key), phash (uint64 pHash of its picture; null when off)
+        data/ holds only Parquet (hive-partitioned by split): any Parquet reader reads it or a split
+        folder. Datasets from before data/ hold split=*/ at the top; readers go by the manifest's
+        shard list, which names either.
     rejects.parquet   path, reason, detail: every file that could not be used
+    skipped.parquet   path, reason: every file found that is not an input (hidden, not an image, ...)
     manifest.json     written last: a dataset without it is incomplete and is never read
 
-Splits come from the sha256 of each file's bytes mapped to [0, 1): deterministic, exact
-duplicates always share a split, and adding files never moves existing ones.
+Splits come from a sha256 mapped to [0, 1): of each file's bytes, or with grouping (groups.py:
+near-duplicates, group_pattern, group_file) of each group's canonical key, so a group never
+straddles splits. Deterministic; exact duplicates always share a split; adding files never moves
+a picture that joins no group. Grouping needs every picture's hashes before any split is known:
+the decoded rows are held (Ray's object store, spilled to disk when large) while the driver
+groups the small (path, sha256, pHash) columns, then written. Without grouping
+(near_duplicate_distance 0, no group_pattern or group_file) rows stream straight to the shards.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import posixpath
 import random
 from collections import Counter
@@ -22,13 +33,16 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import __version__, console, outputs, sources, storage
+from emotion_ray import __version__, console, groups, outputs, sources, storage
 from emotion_ray.config import PrepareConfig
 from emotion_ray.dataset import MANIFEST, SPLITS
 from emotion_ray.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 OWNER_MARKER = "_emotion_ray_dataset"
 REJECTS = "rejects.parquet"
+SKIPPED = "skipped.parquet"
 REJECTED = "rejected"
 IMAGE_FORMAT = "raw uint8 RGB, HWC, row-major"
 DECODE_BATCH = 32
@@ -36,19 +50,23 @@ DECODE_BATCH = 32
 # A class with fewer rows than this trains badly and makes its test figures noise: prepare warns.
 MIN_CLASS_ROWS = 20
 # Every name prepare writes (a marker from before ownership lists owns only these).
-WRITTEN_NAMES = ["split=*", REJECTS, MANIFEST]
-SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "split", "reject_reason"]
+WRITTEN_NAMES = ["split=*", REJECTS, SKIPPED, MANIFEST]  # (before data/, splits were at the top)
+PARQUET_DIR = outputs.PARQUET_DIR
+SHARD_COLUMNS = ["image", "label_index", "label", "path", "content_hash", "group", "phash", "split", "reject_reason"]
 FACE_SHARD_COLUMNS = ["face_index", "box_x", "box_y", "box_w", "box_h", "face_score"]  # with faces on
 
 
 @dataclass
 class Listing:
-    """What the input roots hold: usable files with labels, and everything skipped, by reason."""
+    """What the input roots hold: usable files with labels, and everything skipped, with why."""
 
     files: list[dict[str, Any]] = field(default_factory=list)
     classes: list[str] = field(default_factory=list)
-    ignored: Counter = field(default_factory=Counter)
+    ignored: sources.Skipped = field(default_factory=sources.Skipped)
     found: int = 0
+    # URI -> (its real name, path relative to its input root, path within its class folder), all
+    # unescaped (storage.unescape): what group keys read.
+    names: dict[str, tuple[str, str, str]] = field(default_factory=dict)
 
 
 def list_labelled_files(cfg: PrepareConfig) -> Listing:
@@ -61,7 +79,7 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
     as the first of them. Raises ConfigError for fewer than two classes or a class with no file.
     """
     listing = Listing()
-    candidates: list[tuple[str, str, str | None]] = []  # (uri, class folder, given split)
+    candidates: list[tuple[str, str, str | None, str, str]] = []  # (uri, class folder, split, relative, in class)
     by_folder = cfg.split_by == "folder"
     for root in cfg.inputs:
         if not storage.filesystem(root, cfg.storage).isdir(storage.strip_scheme(root)):
@@ -76,14 +94,14 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 if split not in SPLITS:
                     reason = "not_in_split_folder"
             if reason:
-                listing.ignored[reason] += 1
+                listing.ignored.add(uri, reason)
             elif len(parts) < 2:
-                listing.ignored["not_in_class_folder"] += 1
+                listing.ignored.add(uri, "not_in_class_folder")
             else:
-                candidates.append((uri, parts[0], split))
+                candidates.append((uri, parts[0], split, relative, "/".join(parts[1:])))
     if cfg.classes is None:
         spelling: dict[str, str] = {}
-        for folder in sorted({folder for _, folder, _ in candidates}):
+        for folder in sorted({candidate[1] for candidate in candidates}):
             spelling.setdefault(folder.lower(), folder)
         classes = sorted(spelling.values())
     else:
@@ -91,11 +109,12 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
     if len(classes) < 2:
         raise ConfigError(f"need at least two class folders under {cfg.inputs}, found {classes}")
     by_name = {c.lower(): i for i, c in enumerate(classes)}
-    for uri, folder, split in candidates:
+    for uri, folder, split, relative, in_class in candidates:
         index = by_name.get(folder.lower())
         if index is None:
-            listing.ignored["class_not_selected"] += 1
+            listing.ignored.add(uri, "class_not_selected")
             continue
+        listing.names[uri] = (storage.unescape(uri), storage.unescape(relative), storage.unescape(in_class))
         row = {"path": uri, "label": classes[index], "label_index": index}
         listing.files.append({**row, "given_split": split} if by_folder else row)
     present = {f["label"] for f in listing.files}
@@ -117,26 +136,59 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
 
 
-def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
-    """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on) and give
-    each row its split (or `rejected`), in shard column order; counts the files into `progress`
-    (a console.Tally handle) when given."""
+def decode_rows(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
+    """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on), with the
+    sha256 of their bytes and, for near-duplicate grouping, their picture's pHash; counts the
+    files into `progress` (a console.Tally handle) when given."""
     decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True,
-                                   hash_files=True)  # splits and duplicates come from the bytes' hash
+                                   hash_files=True,  # splits and duplicates come from the bytes' hash
+                                   perceptual_hash=cfg.near_duplicate_distance > 0)
     if progress is not None:
         progress.add.remote(batch.num_rows)
-    return with_split(decoded, cfg.splits)
+    return decoded
 
 
-def with_split(batch: pa.Table, fractions: dict[str, float]) -> pa.Table:
-    """Each decoded row's split (or `rejected`), in shard column order."""
+def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
+    """Ray Data UDF without grouping: decode_rows, then each row's split from its own sha256
+    (or `rejected`), in shard column order."""
+    return with_split(decode_rows(batch, cfg, progress), cfg.splits)
+
+
+def with_split(batch: pa.Table, fractions: dict[str, float], plan=None) -> pa.Table:
+    """Each decoded row's group and split (or `rejected`), in shard column order: from `plan`
+    (an ObjectRef of a (path, group, split) table: see _plan_groups), else from its sha256."""
     decoded = batch["image"].is_valid().to_pylist()
     given = batch["given_split"].to_pylist() if "given_split" in batch.column_names else [None] * batch.num_rows
-    splits = [(split or split_of(digest, fractions)) if ok else REJECTED
-              for digest, ok, split in zip(batch["content_hash"].to_pylist(), decoded, given)]
+    digests = batch["content_hash"].to_pylist()
+    if plan is None:
+        keys = [digest if ok else None for digest, ok in zip(digests, decoded)]
+        splits = [(split or split_of(digest, fractions)) if ok else REJECTED
+                  for digest, ok, split in zip(digests, decoded, given)]
+    else:
+        by_path = _plan_lookup(plan)
+        rows = [by_path[path] if ok else (None, REJECTED) for path, ok in zip(batch["path"].to_pylist(), decoded)]
+        keys, splits = [r[0] for r in rows], [r[1] for r in rows]
+    batch = batch.append_column("group", pa.array(keys, pa.string()))
+    if "phash" not in batch.column_names:
+        batch = batch.append_column("phash", pa.nulls(batch.num_rows, pa.uint64()))
     batch = batch.append_column("split", pa.array(splits, pa.string()))
     batch = batch.append_column("reject_reason", batch["error"])
     return batch.select(SHARD_COLUMNS + [c for c in FACE_SHARD_COLUMNS if c in batch.column_names])
+
+
+_PLANS: dict[str, dict[str, tuple[str, str]]] = {}
+
+
+def _plan_lookup(plan) -> dict[str, tuple[str, str]]:
+    """path -> (group, split) of a plan in the object store, fetched once per worker process."""
+    import ray
+
+    key = plan.hex()
+    if key not in _PLANS:
+        _PLANS.clear()
+        table = ray.get(plan)
+        _PLANS[key] = dict(zip(table["path"].to_pylist(), zip(table["group"].to_pylist(), table["split"].to_pylist())))
+    return _PLANS[key]
 
 
 def _claim_output(cfg: PrepareConfig) -> None:
@@ -149,22 +201,22 @@ def _claim_output(cfg: PrepareConfig) -> None:
     # Manifest first, so a crash mid-cleanup never leaves a complete-looking dataset.
     outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, first=[MANIFEST])
     # Recorded before writing, so a crash leaves them ours to delete next time.
-    outputs.record_written(cfg.output, OWNER_MARKER, [f"split={s}" for s in (*SPLITS, REJECTED)]
-                           + [REJECTS, MANIFEST], cfg.storage)
+    outputs.record_written(cfg.output, OWNER_MARKER, [PARQUET_DIR, REJECTS, SKIPPED, MANIFEST], cfg.storage)
 
 
 def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
     """Count what was written (Arrow aggregations over the small columns only: no pixels, no
-    per-row Python objects), move rejects into rejects.parquet, and build the manifest."""
+    per-row Python objects), move rejects into rejects.parquet, list the ignored files in
+    skipped.parquet, and build the manifest."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
 
     fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
     base = storage.strip_scheme(cfg.output)
 
     def shard_files(split: str) -> list[str]:
-        info = fs.get_file_info(pa.fs.FileSelector(f"{base}/split={split}", allow_not_found=True, recursive=True))
+        info = fs.get_file_info(pa.fs.FileSelector(f"{base}/{PARQUET_DIR}/split={split}", allow_not_found=True,
+                                                   recursive=True))
         return sorted(i.path for i in info if i.type == pa.fs.FileType.File and i.path.endswith(".parquet"))
 
     def read(files: list[str], columns: list[str]) -> pa.Table:
@@ -199,10 +251,10 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         reject_table = pa.table({"path": r["path"], "reason": reason, "detail": detail})
     else:
         reject_table = pa.table({n: pa.array([], pa.string()) for n in ("path", "reason", "detail")})
-    with fs.open_output_stream(f"{base}/{REJECTS}") as out:
-        pq.write_table(reject_table, out)
+    storage.write_parquet_atomic(storage.join(cfg.output, REJECTS), reject_table, cfg.storage)
+    storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), listing.ignored.table(), cfg.storage)
     # The rejected partition only carried reject rows through the one streaming pass.
-    storage.remove(storage.join(cfg.output, f"split={REJECTED}"), cfg.storage, recursive=True)
+    storage.remove(storage.join(cfg.output, PARQUET_DIR, f"split={REJECTED}"), cfg.storage, recursive=True)
 
     rel = lambda p: posixpath.relpath(p, base)  # noqa: E731
     return {
@@ -214,6 +266,9 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "image_format": IMAGE_FORMAT,
         "split_fractions": cfg.splits,
         "split_method": ("the inputs' train/val/test folders" if cfg.split_by == "folder" else
+                         "per group (exact and near-duplicates, group keys): sha256(its smallest group_pattern/"
+                         "group_file key, else its smallest file sha256 hex; a lone file: its bytes)[:16 hex] / "
+                         "2**64 against cumulative train, val, test fractions" if cfg.grouping else
                          "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions"),
         "sources": cfg.inputs,
         "files_found": listing.found,
@@ -229,7 +284,7 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         },
         "rejects": {"count": reject_table.num_rows,
                     "by_reason": dict(Counter(reject_table["reason"].to_pylist()))},
-        "ignored": {"count": sum(listing.ignored.values()), "by_reason": dict(listing.ignored)},
+        "ignored": {"count": len(listing.ignored), "by_reason": listing.ignored.counts(), "listed_in": SKIPPED},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
         "small_classes": {c: n for c in cfg.classes if (n := sum(counts[s][c] for s in SPLITS)) < MIN_CLASS_ROWS},
         **({"faces": {**cfg.faces.model_dump(), "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}
@@ -248,8 +303,10 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest. The input trees are only ever read."""
     from emotion_ray import runtime
 
+    file_groups = read_group_file(cfg)  # a bad CSV fails before any listing or cluster work
     listing = list_labelled_files(cfg)
     cfg = cfg.model_copy(update={"classes": listing.classes})  # as found (or given), in label_index order
+    keys = groups.user_keys(listing.names, cfg.group_pattern, file_groups)
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)
@@ -257,27 +314,91 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         runtime.init_ray()
         sources.check_decode_fits(DECODE_BATCH, cfg.image_size, cfg.faces, runtime.node_capacities())
         with console.remote_progress(len(listing.files), "decoding", "file") as progress:
-            manifest = _write_dataset(cfg, listing, progress)
+            manifest = _write_dataset(cfg, listing, keys, progress)
         lock.check()  # still ours: another run did not take the output over while this one stalled
         storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
     return manifest
 
 
-def _write_dataset(cfg: PrepareConfig, listing: Listing, progress=None) -> dict[str, Any]:
+def read_group_file(cfg: PrepareConfig) -> dict[str, str] | None:
+    """`group_file`'s path -> group rows (groups.read_group_file), or ConfigError naming the problem."""
+    if cfg.group_file is None:
+        return None
+    try:
+        data = storage.read_bytes(cfg.group_file, cfg.storage)
+    except FileNotFoundError:
+        raise ConfigError(f"group_file {cfg.group_file} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"group_file {cfg.group_file} cannot be read: {exc}") from None
+    try:
+        return groups.read_group_file(data, cfg.group_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys, progress=None) -> dict[str, Any]:
     """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write.
     `progress`: a console.Tally handle the decode tasks count files into, or None."""
+    import ray
+
     # Shards in folder order would hold one class each; training streams shards with only a
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
     ds = sources.listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
-    ds = ds.map_batches(decode_and_split, batch_format="pyarrow", batch_size=DECODE_BATCH,
-                        fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]}),  # the listing travels as data
-                                   "progress": progress},
-                        memory=sources.decode_task_memory(DECODE_BATCH, cfg.image_size, cfg.faces))
+    decode = dict(batch_format="pyarrow", batch_size=DECODE_BATCH,
+                  fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]}),  # the listing travels as data
+                             "progress": progress},
+                  memory=sources.decode_task_memory(DECODE_BATCH, cfg.image_size, cfg.faces))
+    if cfg.grouping:
+        decoded = ds.map_batches(decode_rows, **decode).materialize()
+        plan = _plan_groups(cfg, decoded, keys)
+        ds = decoded.map_batches(with_split, batch_format="pyarrow",
+                                 fn_kwargs={"fractions": cfg.splits, "plan": ray.put(plan.table)})
+    else:
+        ds = ds.map_batches(decode_and_split, **decode)
+    data = storage.join(cfg.output, PARQUET_DIR)
     ds.write_parquet(
-        storage.strip_scheme(cfg.output) if storage.is_s3(cfg.output) else cfg.output,
+        storage.strip_scheme(data) if storage.is_s3(data) else data,
         filesystem=storage.pyarrow_filesystem(cfg.output, cfg.storage),
         partition_cols=["split"],
-        max_rows_per_file=cfg.rows_per_shard,
+        # Decoding blocks are sized for decoding (~64 MiB, fewer rows at small image sizes); the
+        # files are made of blocks gathered up to shard_bytes. (min_rows_per_file with
+        # partition_cols is deprecated in this Ray.)
+        min_bytes_per_file=cfg.shard_bytes,
     )
-    return _summarise(cfg, listing)
+    manifest = _summarise(cfg, listing)
+    manifest["groups"] = {"near_duplicate_distance": cfg.near_duplicate_distance, "group_pattern": cfg.group_pattern,
+                          "group_file": cfg.group_file, **(plan.stats if cfg.grouping else {}),
+                          **({"group_file_rows_unmatched": keys.file_rows_unmatched} if cfg.group_file else {})}
+    if cfg.grouping and cfg.split_by == "folder" and plan.stats["groups_across_splits"]:
+        log.warning("%d groups (near-duplicates or one group key) cross the given train/val/test folders: test "
+                    "figures may measure memory (manifest.json, groups)", plan.stats["groups_across_splits"])
+    return manifest
+
+
+@dataclass
+class Plan:
+    table: pa.Table  # path, group, split: one row per kept picture
+    stats: dict[str, Any]
+
+
+def _plan_groups(cfg: PrepareConfig, decoded, keys: groups.UserKeys) -> Plan:
+    """Group the decoded pictures (groups.plan_groups) from their small columns, gathered on the
+    driver: one row per kept picture (a picture's faces share its path)."""
+    import pyarrow.compute as pc
+    import ray
+
+    columns = ["path", "content_hash", "error"] + [c for c in ("phash", "given_split") if c in decoded.columns()]
+    small = pa.concat_tables(ray.get(decoded.select_columns(columns).to_arrow_refs()))
+    small = small.filter(pc.is_null(small["error"]))
+    # One row per picture; sorted so the plan never depends on the order Ray returned blocks in.
+    small = small.group_by("path", use_threads=False).aggregate([(c, "first") for c in columns if c not in ("path", "error")])
+    small = small.rename_columns([c.removesuffix("_first") for c in small.column_names]).sort_by("path")
+    column = lambda name: small[name].to_pylist() if name in small.column_names else None  # noqa: E731
+    phashes = column("phash") or [None] * small.num_rows
+    made = groups.plan_groups(column("path"), column("content_hash"), phashes, keys.by_path,
+                              cfg.near_duplicate_distance, lambda digest: split_of(digest, cfg.splits),
+                              given_splits=column("given_split"))
+    paths = column("path")
+    table = pa.table({"path": paths, "group": [made.group[p] for p in paths], "split": [made.split[p] for p in paths]})
+    return Plan(table, made.stats)

@@ -3,11 +3,17 @@
 Pipeline (Ray Data, streaming): listed paths (sources.list_images) -> read + decode on CPU
 tasks (sources.decode_table, the very code prepare used) -> inference.Predictor on an actor
 pool (model loaded once per actor, GPUs when asked) -> the driver writes rows to Parquet part
-files, each written whole or not at all.
+files in `<output>/data/` (only Parquet there: any reader can be pointed at it), each written
+whole or not at all, of `rows_per_file` rows (or what `flush_seconds` gathered; small ones are
+merged at the end).
 
-Resumable and idempotent: a re-run with the same output reads the paths already written and
-scores only the rest, so an interrupted job ends with no duplicates and no gaps. `_SUCCESS.json`
-(the summary) is written last: output without it is incomplete.
+Resumable and idempotent: a re-run with the same output and model reads the paths already
+written and scores only the rest, so an interrupted job ends with no duplicates and no gaps. The
+output remembers its model (marker field "model": URI, sha256 of the model file, labels); a
+re-run with another one stops (ConfigError) unless `overwrite` starts over. `_SUCCESS.json` (the
+summary) is written last: output without it is incomplete. `_skipped.parquet` (path, reason),
+beside it and outside data/, lists the files the inputs held that were not scored (hidden, not an
+image, an unreadable archive, ...).
 
 Output columns: path, label, confidence, prob_<class> per class, model_id, width, height (of the
 original image), error (null when fine), scored_at (UTC).
@@ -15,8 +21,10 @@ original image), error (null when fine), scored_at (UTC).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-import io
+import hashlib
+import json
 import time
 import uuid
 from collections import Counter
@@ -25,51 +33,66 @@ from typing import Any
 import pyarrow as pa
 
 from emotion_ray import console, outputs, runtime, sources, storage
+from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.inference import Predictor, resolve_model
 
 SUCCESS = "_SUCCESS.json"
+SKIPPED = "_skipped.parquet"
 OWNER_MARKER = "_emotion_ray_scores"
+PARQUET_DIR = outputs.PARQUET_DIR
 PART_PATTERN = "part-*.parquet"
+PART_PATTERNS = [f"{PARQUET_DIR}/{PART_PATTERN}", PART_PATTERN]  # the second: outputs from before data/
 # Error reasons a re-run scores again (retry_errors): the file may be there, or readable, next time.
 # Permanent ones (not_an_image, truncated, too_large, ...) are kept.
 TRANSIENT_ERRORS = ("unreadable",)
-WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS]  # what score writes (for markers without a list)
+WRITTEN_NAMES = [PART_PATTERN, "part-*.tmp-*", SUCCESS, SKIPPED]  # what score writes (for markers without a list)
 
 
 class _PartWriter:
     """Buffers prediction rows in the driver and writes whole Parquet part files."""
 
-    def __init__(self, output: str, storage_cfg: StorageConfig, rows_per_file: int, lock: outputs.OutputLock):
+    def __init__(self, output: str, storage_cfg: StorageConfig, rows_per_file: int, lock: outputs.OutputLock,
+                 flush_seconds: float = float("inf")):
         self.output, self.storage_cfg, self.rows_per_file, self.lock = output, storage_cfg, rows_per_file, lock
+        self.flush_seconds = flush_seconds  # rows wait at most this long: what an interruption can lose
         self.run_id = uuid.uuid4().hex[:8]
         self.pending: list[pa.Table] = []
         self.pending_rows = self.files = 0
+        self.pending_since = 0.0
 
     def add(self, table: pa.Table) -> None:
+        if not self.pending:
+            self.pending_since = time.monotonic()
         self.pending.append(table)
         self.pending_rows += table.num_rows
-        if self.pending_rows >= self.rows_per_file:
+        if self.pending_rows >= self.rows_per_file or time.monotonic() - self.pending_since >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         if not self.pending_rows:
             return
-        import pyarrow.parquet as pq
-
-        buf = io.BytesIO()
-        pq.write_table(pa.concat_tables(self.pending), buf)
-        name = f"part-{self.run_id}-{self.files:05d}.parquet"
+        name = f"{PARQUET_DIR}/part-{self.run_id}-{self.files:05d}.parquet"
         self.lock.check()  # never write into an output another run has taken over
         outputs.record_written(self.output, OWNER_MARKER, [name], self.storage_cfg)
-        storage.write_bytes_atomic(storage.join(self.output, name), buf.getvalue(), self.storage_cfg)
+        storage.write_parquet_atomic(_uri(self.output, name), pa.concat_tables(self.pending), self.storage_cfg)
         self.files += 1
         self.pending, self.pending_rows = [], 0
 
 
+def _uri(output: str, name: str) -> str:
+    """The URI of `name`, a "/"-separated path relative to the output."""
+    return storage.join(output, *name.split("/"))
+
+
 def _part_files(output: str, storage_cfg: StorageConfig) -> list[str]:
-    return [n for n in storage.listdir_names(output, storage_cfg) if n.startswith("part-") and n.endswith(".parquet")]
+    """The finished part files' names relative to `output`: in data/, then at the top (as versions
+    before data/ wrote them)."""
+    def parts(folder: str) -> list[str]:
+        return [n for n in storage.listdir_names(folder, storage_cfg) if n.startswith("part-") and n.endswith(".parquet")]
+
+    return [f"{PARQUET_DIR}/{n}" for n in parts(storage.join(output, PARQUET_DIR))] + parts(output)
 
 
 def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: list[str] | None = None) -> pa.Table:
@@ -77,7 +100,7 @@ def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: 
     import pyarrow.dataset as pads
 
     storage_cfg = storage_cfg or StorageConfig()
-    files = [storage.strip_scheme(storage.join(output, n)) for n in _part_files(output, storage_cfg)]
+    files = [storage.strip_scheme(_uri(output, n)) for n in _part_files(output, storage_cfg)]
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in (columns or ["path"])})
     dataset = pads.dataset(files, filesystem=storage.pyarrow_filesystem(output, storage_cfg), format="parquet")
@@ -86,11 +109,69 @@ def read_scores(output: str, storage_cfg: StorageConfig | None = None, columns: 
     return dataset.to_table(columns=columns)
 
 
-def _claim_output(cfg: ScoreConfig) -> None:
-    """Make `output` ours; finished part files stay (they are what a re-run resumes from), the
-    summary and interrupted temp files go. Nothing that score did not write is touched."""
+def model_identity(cfg: ScoreConfig, bundle) -> dict[str, Any]:
+    """What an output remembers of the model that scored it: the model as given, its model_id, the
+    sha256 of the model file, and what its labels.json sets (classes, image size, faces)."""
+    settings = {f.name: getattr(bundle, f.name) for f in dataclasses.fields(bundle)
+                if f.name not in ("model_bytes", "model_id")}
+    return {"uri": cfg.model, "model_id": bundle.model_id, "sha256": hashlib.sha256(bundle.model_bytes).hexdigest(),
+            "settings": json.loads(json.dumps(settings, default=str))}
+
+
+def _describe_model(model: dict[str, Any]) -> str:
+    return (f"{model.get('uri')} (sha256 {str(model.get('sha256'))[:12]}, "
+            f"classes {(model.get('settings') or {}).get('classes')})")
+
+
+def _same_model_id(model_id: Any, model: dict[str, Any]) -> bool:
+    """Whether a row's model_id (`URI#sha256=<12 hex>`, or a registry URI alone before) names `model`."""
+    _, sep, digest = str(model_id).rpartition("#sha256=")
+    return model["sha256"].startswith(digest) if sep else model_id in (model["model_id"], model["uri"])
+
+
+def _check_same_model(cfg: ScoreConfig, model: dict[str, Any]) -> None:
+    """ConfigError when the output already holds predictions of another model."""
+    if not _part_files(cfg.output, cfg.storage):
+        return
+    earlier = outputs.marker_fields(cfg.output, OWNER_MARKER, cfg.storage).get("model")
+    if isinstance(earlier, dict):
+        if (earlier.get("sha256"), earlier.get("settings")) == (model["sha256"], model["settings"]):
+            return
+        theirs = _describe_model(earlier)
+    else:  # written before outputs remembered their model: the rows' model_id says which it was
+        ids = set(read_scores(cfg.output, cfg.storage, ["model_id"])["model_id"].to_pylist())
+        if all(_same_model_id(i, model) for i in ids):
+            return
+        theirs = ", ".join(sorted(map(str, ids)))
+    raise ConfigError(f"output {cfg.output} holds predictions of model {theirs}, not of this run's model "
+                      f"{_describe_model(model)}; a re-run continues an output only with its own model: pass "
+                      "--overwrite to delete the earlier predictions and score everything again, or choose "
+                      "another output")
+
+
+def _move_top_level_parts(cfg: ScoreConfig) -> None:
+    """Part files of outputs from before data/ move into it (copied whole, then removed: a crash
+    in between leaves duplicate rows, which the next run drops)."""
+    for name in [n for n in _part_files(cfg.output, cfg.storage) if "/" not in n]:
+        moved = f"{PARQUET_DIR}/{name}"
+        outputs.record_written(cfg.output, OWNER_MARKER, [moved], cfg.storage)
+        storage.write_bytes_atomic(_uri(cfg.output, moved), storage.read_bytes(_uri(cfg.output, name), cfg.storage),
+                                   cfg.storage)
+        storage.remove(_uri(cfg.output, name), cfg.storage)
+
+
+def _claim_output(cfg: ScoreConfig, model: dict[str, Any]) -> None:
+    """Make `output` ours and `model`'s. Its finished part files stay (they are what a re-run
+    resumes from), unless `overwrite` (then all score wrote goes); the summary and interrupted
+    temp files go. A different model's output is refused. Nothing score did not write is touched."""
     outputs.claim_folder(cfg.output, OWNER_MARKER, "score", cfg.storage, inputs=cfg.inputs, legacy_names=WRITTEN_NAMES)
-    outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, keep=[PART_PATTERN])
+    if cfg.overwrite:
+        outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage)
+    else:
+        _check_same_model(cfg, model)
+        outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, keep=PART_PATTERNS)
+    _move_top_level_parts(cfg)
+    outputs.set_marker_fields(cfg.output, OWNER_MARKER, {"model": model}, cfg.storage)
 
 
 def _row_keys(table: pa.Table) -> list[tuple]:
@@ -129,8 +210,29 @@ def _repair_rows(cfg: ScoreConfig, writer: _PartWriter) -> dict[str, int]:
     writer.add(read_scores(cfg.output, cfg.storage).take(pa.array(kept_rows, pa.int64())))
     writer.flush()  # the whole kept table first, then the old files go: a crash in between leaves
     for name in parts:  # rows that the next re-run drops again, never a lost one
-        storage.remove(storage.join(cfg.output, name), cfg.storage)
+        storage.remove(_uri(cfg.output, name), cfg.storage)
     return dropped
+
+
+def _merge_small_parts(cfg: ScoreConfig, writer: _PartWriter) -> None:
+    """Rewrite the part files under half of `rows_per_file` (what `flush_seconds` wrote in a slow
+    run, or earlier runs of a resumed output) as files of `rows_per_file`: the new files first, then
+    the old go (a crash in between leaves duplicate rows, which the next run drops)."""
+    import pyarrow.dataset as pads
+
+    fs = storage.pyarrow_filesystem(cfg.output, cfg.storage)
+    names = {storage.strip_scheme(_uri(cfg.output, n)): n for n in _part_files(cfg.output, cfg.storage)}
+    if len(names) < 2:
+        return
+    small = [f.path for f in pads.dataset(list(names), filesystem=fs, format="parquet").get_fragments()
+             if f.metadata.num_rows < cfg.rows_per_file // 2]
+    if len(small) < 2:
+        return
+    for batch in pads.dataset(small, filesystem=fs, format="parquet").to_batches():
+        writer.add(pa.Table.from_batches([batch]))
+    writer.flush()
+    for path in small:
+        storage.remove(_uri(cfg.output, names[path]), cfg.storage)
 
 
 def _predictor_pool(cfg: ScoreConfig):
@@ -166,14 +268,15 @@ def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
                          f"(the largest has {max(n.get('CPU', 0) for n in nodes):g})")
 
 
-def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, lock: outputs.OutputLock,
+def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, bundle, lock: outputs.OutputLock,
                   show_progress: bool) -> dict[str, Any]:
     import ray
 
-    _claim_output(cfg)
+    model = model_identity(cfg, bundle)
+    _claim_output(cfg, model)
     console.keep_log_in(cfg.output)  # ours now: the CLI's log moves in
     faces = bundle.face_config(cfg.faces)
-    writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock)
+    writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock, cfg.flush_seconds)
     repaired = _repair_rows(cfg, writer)
     done = set(read_scores(cfg.output, cfg.storage, ["path"])["path"].to_pylist())
     todo = [p for p in paths if p not in done]
@@ -203,7 +306,8 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
             batch_size=cfg.batch_size,
             compute=_predictor_pool(cfg),
             # The model travels through the object store, not inside the UDF.
-            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size},
+            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size,
+                                   "min_confidence": cfg.min_confidence},
             num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_predictor,
         )
@@ -234,6 +338,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     # Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the
     # steady rate after the first batch is what sizes a job of millions of files.
     steady_rows, steady_s = len(todo) - first_batch_pictures, elapsed - (first_batch_s or elapsed)
+    _merge_small_parts(cfg, writer)
 
     table = read_scores(cfg.output, cfg.storage, ["path", "label", "error", "face_index"])
     written = table["path"].to_pylist()
@@ -243,7 +348,10 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
     errors = Counter(e.split(":", 1)[0] for e in table["error"].to_pylist() if e)
     summary = {
         "output": cfg.output,
+        "parquet": storage.join(cfg.output, PARQUET_DIR),  # only Parquet: point any reader at it
+        "part_files": len(_part_files(cfg.output, cfg.storage)),
         "model_id": bundle.model_id,
+        "model": {k: model[k] for k in ("uri", "sha256")},
         "rows": table.num_rows,
         "scored_now": len(todo),
         "already_scored": len(paths) - len(todo),
@@ -252,8 +360,10 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "incomplete_pictures_rescored": repaired["incomplete_pictures"],
         "errors_retried": repaired["errors_retried"],
         "labels": dict(sorted(labels.items())),
+        "uncertain": labels[UNCERTAIN],  # rows below min_confidence (also among labels)
         "errors": dict(errors),
-        "skipped_inputs": dict(skipped),
+        "skipped_inputs": skipped.counts(),
+        "skipped_listed_in": SKIPPED,
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
         "first_batch_seconds": round(first_batch_s, 2) if first_batch_s is not None else None,
@@ -261,6 +371,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: Counter, bundle, 
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     lock.check()
-    outputs.record_written(cfg.output, OWNER_MARKER, [SUCCESS], cfg.storage)
+    outputs.record_written(cfg.output, OWNER_MARKER, [SKIPPED, SUCCESS], cfg.storage)
+    storage.write_parquet_atomic(storage.join(cfg.output, SKIPPED), skipped.table(), cfg.storage)
     storage.write_json_atomic(storage.join(cfg.output, SUCCESS), summary, cfg.storage)
     return summary

@@ -2,7 +2,9 @@
 
 Listing runs in the driver; `decode_table` is the Ray Data UDF that prepare and score (and
 predict, in-process) map over listed paths. One skip rule serves every listing: hidden files
-and folders, and files without an image extension, are counted by reason, never silently lost.
+and folders, and files without an image extension, are listed with their reason (`Skipped`),
+never silently lost. Listed paths are text as the `path` column writes them (storage.escape: a
+name that is not UTF-8 is escaped, losslessly) and are read by their real names (read_listed).
 
 Inputs: folders and `s3://` prefixes (`walk_folder`), zip and tar archives read in place
 (members named by fsspec's chained URL, see storage.member_uri), and `.txt` files listing one
@@ -17,6 +19,7 @@ import math
 import os
 import posixpath
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import pyarrow as pa
@@ -54,19 +57,42 @@ def skip_reason(relative_path: str) -> str | None:
     return None
 
 
+@dataclass
+class Skipped:
+    """Files the inputs hold that are not inputs, each with why (path as listed, reason): the
+    counts by reason in a summary and the rows of its skipped.parquet come from this one list."""
+
+    rows: list[tuple[str, str]] = field(default_factory=list)
+
+    def add(self, path: str, reason: str) -> None:
+        self.rows.append((path, reason))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(reason for _, reason in self.rows))
+
+    def table(self) -> pa.Table:
+        return pa.table({"path": pa.array([p for p, _ in self.rows], pa.string()),
+                         "reason": pa.array([r for _, r in self.rows], pa.string())})
+
+
 def walk_folder(root: str, storage_cfg: StorageConfig) -> Iterator[tuple[str, str]]:
-    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted.
+    """(path relative to `root`, full URI) of every file under a folder or `s3://` prefix, sorted;
+    both as text for a `path` column (storage.escape: a name that is not UTF-8 is escaped).
 
     Local folder links are followed (a linked album is part of the tree), each real folder
     once: a link back up (`loop -> .`) neither hangs nor lists a file twice.
     """
     if not storage.is_s3(root):
-        yield from _walk_local(storage.strip_scheme(root))
+        for relative, path in _walk_local(storage.strip_scheme(root)):
+            yield storage.escape(relative), storage.escape(path)
         return
     fs = storage.filesystem(root, storage_cfg)
     base = storage.strip_scheme(root)
     for path in sorted(fs.find(base, withdirs=False)):
-        yield posixpath.relpath(path, base), "s3://" + path
+        yield storage.escape(posixpath.relpath(path, base)), storage.escape("s3://" + path)
 
 
 def _walk_local(base: str) -> Iterator[tuple[str, str]]:
@@ -85,29 +111,32 @@ def _walk_local(base: str) -> Iterator[tuple[str, str]]:
     yield from sorted(found)
 
 
-def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
-    """The paths a `.txt` list names: one per line, UTF-8 (a BOM is dropped), `#` comments and
-    blank lines skipped, CRLF fine; a relative path is relative to the list's own folder. Lines
-    that are not valid UTF-8 are skipped and counted (`undecodable_list_line`)."""
+def read_path_list(list_uri: str, storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
+    """The paths a `.txt` list names (as listed: storage.as_listed): one per line, UTF-8 (a BOM
+    is dropped), `#` comments and blank lines skipped, CRLF fine; a relative path is relative to
+    the list's own folder. Lines that are not valid UTF-8 are skipped and listed
+    (`undecodable_list_line`, the line's path escaped)."""
     fs = storage.filesystem(list_uri, storage_cfg)
-    skipped: Counter = Counter()
+    skipped = Skipped()
     folder = posixpath.dirname(list_uri) if storage.is_s3(list_uri) else os.path.dirname(os.path.abspath(list_uri))
     paths = []
     for raw in fs.cat_file(storage.strip_scheme(list_uri)).removeprefix(b"\xef\xbb\xbf").splitlines():
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            skipped["undecodable_list_line"] += 1
-            continue
+        line = raw.decode("utf-8", "surrogateescape").strip()
         if not line or line.startswith("#"):
             continue
         absolute = storage.is_s3(line) or line.startswith(("zip://", "tar://")) or os.path.isabs(line)
-        paths.append(line if absolute else storage.join(folder, line))
+        path = storage.as_listed(line if absolute else storage.join(folder, line))
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            skipped.add(path, "undecodable_list_line")
+            continue
+        paths.append(path)
     return paths, skipped
 
 
-def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Counter]:
-    """Every image to score, sorted and de-duplicated, and what was skipped by reason.
+def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str], Skipped]:
+    """Every image to score (as listed: escaped), sorted and de-duplicated, and what was skipped, with why.
 
     Folders and prefixes contribute their image files; zip and tar archives (.zip, .tar,
     .tar.gz, .tgz, ...) their image members, read in place. A `.txt` file contributes every
@@ -115,12 +144,12 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
     be opened is skipped and counted, not fatal. Raises ConfigError for an input that does not exist.
     """
     paths: set[str] = set()
-    skipped: Counter = Counter()
+    skipped = Skipped()
 
     def add(relative: str, uri: str) -> None:
         reason = skip_reason(relative)
         if reason:
-            skipped[reason] += 1
+            skipped.add(uri, reason)
         else:
             paths.add(uri)
 
@@ -130,13 +159,13 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
         if item.endswith(".txt") and fs.isfile(base):
             listed, undecodable = read_path_list(item, storage_cfg)
             paths.update(listed)
-            skipped.update(undecodable)
+            skipped.rows += undecodable.rows
         elif storage.archive_protocol(item) and fs.isfile(base):
             try:
                 members = storage.archive_members(item, storage_cfg)
             except Exception as exc:  # noqa: BLE001 - a damaged archive is reported, not fatal
                 log.warning("skipping archive %s: cannot read it (%s: %s)", item, type(exc).__name__, exc)
-                skipped["unreadable_archive"] += 1
+                skipped.add(storage.escape(item), "unreadable_archive")
                 continue
             for member in members:
                 add(member, storage.member_uri(item, member))
@@ -144,7 +173,7 @@ def list_images(inputs: list[str], storage_cfg: StorageConfig) -> tuple[list[str
             for relative, uri in walk_folder(item, storage_cfg):
                 add(relative, uri)
         elif fs.isfile(base):
-            paths.add(("s3://" if storage.is_s3(item) else "") + base)
+            paths.add(storage.escape(("s3://" if storage.is_s3(item) else "") + base))
         else:
             raise ConfigError(f"input {item} does not exist")
     return sorted(paths), skipped
@@ -161,16 +190,24 @@ def _read(path: str, given: bytes | None, storage_cfg: StorageConfig, max_bytes:
     """A reader of one file's bytes that refuses, unread, a file declaring more than max_bytes."""
     if given is not None:
         return lambda: given
-    return lambda: storage.read_bytes(path, storage_cfg, max_bytes=max_bytes)
+    return lambda: storage.read_listed(path, storage_cfg, max_bytes=max_bytes)
 
 
 def _sha256(data: bytes | None, wanted: bool) -> str | None:
     return hashlib.sha256(data).hexdigest() if wanted and data is not None else None
 
 
+def _phash(picture, wanted: bool) -> int | None:
+    from emotion_ray.groups import perceptual_hash
+
+    return perceptual_hash(picture) if wanted and picture is not None else None
+
+
 def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
-                 faces: FaceConfig | None = None, one_thread: bool = False, hash_files: bool = False) -> pa.Table:
-    """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member).
+                 faces: FaceConfig | None = None, one_thread: bool = False, hash_files: bool = False,
+                 perceptual_hash: bool = False) -> pa.Table:
+    """Ray Data UDF: read and decode every `path` of `batch` (local, `s3://` or archive member;
+    as listed, i.e. escaped: storage.as_listed).
 
     A `data` column (binary), where present and not null, holds a file's bytes already (the
     MLflow model receives images this way); it is dropped from the result.
@@ -179,16 +216,17 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     `width`/`height` (the displayed original's pixels), `error` (null, or "reason: detail") and
     `content_hash` (sha256 hex of the file's bytes with `hash_files`, which costs about a tenth of
     a JPEG's decode; else null; null when unreadable). Never raises for a
-    bad file: it becomes a row with an error.
+    bad file: it becomes a row with an error. With `perceptual_hash`, a last column `phash`
+    (uint64, groups.perceptual_hash of the picture as decoded, null on error).
 
     With `faces` on (see decode_faces), a picture gives a row per face instead, with FACE_FIELDS
     before those columns. `one_thread`: this runs in a one-CPU Ray task (detector libraries
     otherwise start a thread per core in every task).
     """
     if faces is not None and faces.enabled:
-        return decode_faces(batch, image_size, limits, storage_cfg, faces, one_thread, hash_files)
+        return decode_faces(batch, image_size, limits, storage_cfg, faces, one_thread, hash_files, perceptual_hash)
     batch, given = _given_bytes(batch)
-    pixels, widths, heights, errors, digests = [], [], [], [], []
+    pixels, widths, heights, errors, digests, phashes = [], [], [], [], [], []
     for path, data in zip(batch["path"].to_pylist(), given):
         data, decoded = read_and_decode(_read(path, data, storage_cfg, limits.max_file_bytes), image_size,
                                         max_pixels=limits.max_pixels, max_file_bytes=limits.max_file_bytes)
@@ -197,15 +235,17 @@ def decode_table(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         heights.append(decoded.height)
         errors.append(decoded.error)
         digests.append(_sha256(data, hash_files))
+        phashes.append(_phash(decoded.pixels, perceptual_hash))
     added = [pixels_to_arrow(pixels), pa.array(widths, pa.int32()), pa.array(heights, pa.int32()),
              pa.array(errors, pa.string()), pa.array(digests, pa.string())]
     for (name, _), column in zip(DECODED_FIELDS, added):
         batch = batch.append_column(name, column)
-    return batch
+    return batch.append_column("phash", pa.array(phashes, pa.uint64())) if perceptual_hash else batch
 
 
 def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage_cfg: StorageConfig,
-                 faces: FaceConfig, one_thread: bool = False, hash_files: bool = False) -> pa.Table:
+                 faces: FaceConfig, one_thread: bool = False, hash_files: bool = False,
+                 perceptual_hash: bool = False) -> pa.Table:
     """`decode_table` with faces on: each picture gives one row per face it keeps.
 
     The picture is decoded at up to max(640, 4 x image_size) px on its shorter side (JPEG draft
@@ -214,7 +254,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
     Boxes (`box_*`) are pixels of the displayed original. A picture without a face gives one row:
     an error `no_face`, or with `no_face: whole_image` the whole picture and a null face_index.
     A picture that cannot be decoded gives one error row. Columns: as decode_table's, with
-    FACE_FIELDS after `batch`'s own.
+    FACE_FIELDS after `batch`'s own; every row of a picture has the whole picture's `phash`.
     """
     from emotion_ray import faces as faces_lib
 
@@ -222,7 +262,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         faces_lib.use_one_thread(faces.detector)
     detector = faces_lib.get_detector(faces.detector)
     batch, given = _given_bytes(batch)
-    source_rows, pixels, face_columns, decoded_columns = [], [], [], []
+    source_rows, pixels, face_columns, decoded_columns, phashes = [], [], [], [], []
     for i, (path, data) in enumerate(zip(batch["path"].to_pylist(), given)):
         try:
             data = _read(path, data, storage_cfg, limits.max_file_bytes)()
@@ -236,9 +276,10 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
         digest = _sha256(data, hash_files)
         size = (opened.width, opened.height) if opened is not None else (None, None)
         if error:
-            chosen = []
+            chosen, phash = [], None
         else:
             rgb = to_rgb_array(opened.image)
+            phash = _phash(rgb, perceptual_hash)
             scale = opened.scale
             chosen = faces_lib.select_faces(detector.detect(rgb), faces.mode, min_size=round(faces.min_size / scale))
         for index, face in enumerate(chosen):
@@ -247,6 +288,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
             face_columns.append((index, round(face.x * scale), round(face.y * scale), round(face.w * scale),
                                  round(face.h * scale), face.score, len(chosen)))
             decoded_columns.append((*size, None, digest))
+            phashes.append(phash)
         if not chosen:
             source_rows.append(i)
             face_columns.append((None,) * 6 + (0,))
@@ -257,13 +299,14 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
                 pixels.append(None)
                 error = error or f"no_face: the {faces.detector} detector found no face"
             decoded_columns.append((*size, error, digest))
+            phashes.append(phash)
     out = batch.take(pa.array(source_rows, pa.int64()))
     for j, (name, kind) in enumerate(FACE_FIELDS):
         out = out.append_column(name, pa.array([row[j] for row in face_columns], kind))
     out = out.append_column("image", pixels_to_arrow(pixels))
     for j, (name, kind) in enumerate(DECODED_FIELDS[1:]):
         out = out.append_column(name, pa.array([row[j] for row in decoded_columns], kind))
-    return out
+    return out.append_column("phash", pa.array(phashes, pa.uint64())) if perceptual_hash else out
 
 
 def decode_task_memory(batch_size: int, image_size: int, faces: FaceConfig | None = None) -> int:

@@ -11,6 +11,8 @@ import json
 import logging
 import os
 import posixpath
+import re
+import tarfile
 import uuid
 from functools import lru_cache
 from typing import Any
@@ -61,28 +63,73 @@ def archive_protocol(uri: str) -> str | None:
     return next((proto for suffix, proto in ARCHIVE_PROTOCOLS.items() if lower.endswith(suffix)), None)
 
 
+# --- Names as text --------------------------------------------------------------------------
+# A local file name is bytes (any but `/` and NUL, not always UTF-8); a Parquet `path` is UTF-8
+# text. One lossless escape joins them, URL-style percent-encoding: `%` is written `%25`, and
+# each byte that is not part of valid UTF-8 `%XX` (a name holding the latin-1 byte 0xF1 lists
+# as `caf%F1.jpg`); an archive member's name also writes `:` as `%3A` (member_uri). Everything
+# else reads as it is. `escape` takes Python's form of such a name (os.fsdecode's
+# surrogateescape: the byte 0xF1 is the character U+DCF1); `unescape` gives it back.
+
+_UNESCAPED = {"": re.compile("[%\udc80-\udcff]"), ":": re.compile("[%:\udc80-\udcff]")}
+_ESCAPED = re.compile("%([0-9A-Fa-f]{2})")
+
+
+def _percent(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"%{code - 0xDC00 if code >= 0xDC80 else code:02X}"
+
+
+def escape(name: str, also: str = "") -> str:
+    """`name` as text for a `path` column (see above); `also`: "" or ":" (member names)."""
+    return _UNESCAPED[also].sub(_percent, name)
+
+
+def unescape(text: str) -> str:
+    """The name `escape` wrote as `text` (a stray `%` without two hex digits stays as it is)."""
+    if "%" not in text:
+        return text
+    parts = _ESCAPED.split(text)  # odd items: the hex digits of an escaped byte
+    raw = b"".join(bytes([int(part, 16)]) if i % 2 else part.encode("utf-8", "surrogateescape")
+                   for i, part in enumerate(parts))
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def as_listed(path: str) -> str:
+    """A path a user named (a `.txt` list line, a `predict` argument, a `path` given to the
+    MLflow model) as the `path` column writes it: escaped, unless it is an archive member's
+    URI (those are written in member_uri's form already)."""
+    return path if split_member_uri(path) else escape(path)
+
+
+def read_listed(path: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
+    """read_bytes of a file named as the `path` column names it (escaped): read by its real name."""
+    return read_bytes(path if split_member_uri(path) else unescape(path), storage, max_bytes)
+
+
+def _member_path(member: str) -> str:
+    """A member's name as GNU tar extracts it: a leading `/` or `./` dropped."""
+    name = member.lstrip("/")
+    while name.startswith("./"):
+        name = name[2:].lstrip("/")
+    return name
+
+
 def member_uri(archive: str, member: str) -> str:
     """`zip://<member>::<archive>` (or tar://), fsspec's chained-URL form.
 
-    Member names are data, never a filesystem: `%` and `:` in them are written `%25` and
+    Member names are data, never a filesystem: they are escaped (see above) with `:` too, as
     `%3A` (so `a::s3://b/k.jpg` cannot chain to S3), and a leading `/` or `./` is dropped (as
-    GNU tar extracts such members). Names without those characters read as they are.
+    GNU tar extracts such members); the archive's own path is escaped as any path is.
     """
-    name = member.lstrip("/")
-    while name.startswith("./"):
-        name = name[2:]
-    return f"{archive_protocol(archive)}://{name.replace('%', '%25').replace(':', '%3A')}::{archive}"
+    return f"{archive_protocol(archive)}://{escape(_member_path(member), ':')}::{escape(archive)}"
 
 
 def split_member_uri(uri: str) -> tuple[str, str] | None:
-    """(archive, member name as member_uri escaped it) for a member URI, else None."""
+    """(archive, member name), both as member_uri escaped them, for a member URI, else None."""
     head, sep, archive = uri.partition("::")
     proto, _, member = head.partition("://")
     return (archive, member) if sep and proto in ("zip", "tar") else None
-
-
-def _member_name(escaped: str) -> str:
-    return escaped.replace("%3A", ":").replace("%25", "%")
 
 
 def _archive_on(archive: str, handle) -> fsspec.AbstractFileSystem:
@@ -98,10 +145,28 @@ def _open_archive(archive: str, endpoint_url: str | None) -> fsspec.AbstractFile
     return _archive_on(archive, handle)
 
 
+def _index(archive_fs: fsspec.AbstractFileSystem) -> dict[str, Any]:
+    """The archive's member files by member_uri's name (_member_path) -> the member as the
+    archive knows it: the zip's own name, or the tar's TarInfo. fsspec's tar filesystem strips
+    a leading `/` from every name it is asked for, so a member stored as `/abs/rooted.jpg` (an
+    absolute name) lists as '' and cannot be opened through it: tar members come from the tar's
+    own table."""
+    tar = getattr(archive_fs, "tar", None)
+    if isinstance(tar, tarfile.TarFile):
+        return {_member_path(m.name): m for m in tar.getmembers() if not m.isdir()}
+    return {_member_path(name): name for name in archive_fs.find("", withdirs=False)}
+
+
+@lru_cache(maxsize=16)
+def _archive_index(archive: str, endpoint_url: str | None) -> dict[str, Any]:
+    return _index(_open_archive(archive, endpoint_url))
+
+
 def archive_members(archive: str, storage: StorageConfig | None = None) -> list[str]:
-    """The archive's member files as it is now (paths relative to its root); closes it after."""
+    """The archive's member files as it is now (paths relative to its root, as GNU tar extracts
+    them: see _member_path), sorted; closes it after."""
     with filesystem(archive, storage).open(strip_scheme(archive), "rb") as handle:
-        return _archive_on(archive, handle).find("", withdirs=False)
+        return sorted(_index(_archive_on(archive, handle)))
 
 
 def filesystem(uri: str, storage: StorageConfig | None = None) -> fsspec.AbstractFileSystem:
@@ -132,20 +197,29 @@ class FileTooLarge(Exception):
         self.size, self.limit = size, limit
 
 
-def _member_info(archive_fs: fsspec.AbstractFileSystem, escaped: str) -> tuple[str, dict]:
-    """The member's real name in the archive and its info (declared size), matching how
-    member_uri normalised it (a `/` or `./` prefix dropped)."""
-    name = _member_name(escaped)
-    for candidate in (name, "/" + name, "./" + name):
-        try:
-            return candidate, archive_fs.info(candidate)
-        except FileNotFoundError:
-            continue
-    raise FileNotFoundError(f"no member {name!r} in the archive")
+def _member_reader(archive: str, member: str, storage: StorageConfig | None):
+    """(declared size, opener) of the member `member` of `archive`, both as member_uri escaped them."""
+    archive, name = unescape(archive), unescape(member)
+    endpoint = (storage or StorageConfig()).s3_endpoint_url
+    archive_fs = _open_archive(archive, endpoint)
+    entry = _archive_index(archive, endpoint).get(name)
+    if entry is None:
+        raise FileNotFoundError(f"no member {name!r} in {archive}")
+    if not isinstance(entry, tarfile.TarInfo):
+        return archive_fs.info(entry).get("size"), lambda: archive_fs.open(entry, "rb")
+
+    def extract():
+        handle = archive_fs.tar.extractfile(entry)  # follows a link member to its target
+        if handle is None:
+            raise IsADirectoryError(f"member {name!r} of {archive} is not a file")
+        return handle
+
+    return entry.size, extract
 
 
 def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | None = None) -> bytes:
-    """The bytes of a local file, an `s3://` object or an archive member.
+    """The bytes of a local file, an `s3://` object or an archive member (read_listed: of a file
+    named as the `path` column names it).
 
     With `max_bytes`, the declared size (file system, S3 object, zip or tar header) is checked
     before anything is read, and FileTooLarge raised above it: a bomb is refused unread. A
@@ -153,18 +227,18 @@ def read_bytes(uri: str, storage: StorageConfig | None = None, max_bytes: int | 
     """
     member = split_member_uri(uri)
     if member:
-        archive, escaped = member
-        archive_fs = _open_archive(archive, (storage or StorageConfig()).s3_endpoint_url)
-        name, info = _member_info(archive_fs, escaped)
-        fs, path, size = archive_fs, name, info.get("size")
+        size, opener = _member_reader(*member, storage)
     else:
         fs, path = filesystem(uri, storage), strip_scheme(uri)
-        size = fs.size(path) if max_bytes is not None else None
+        if max_bytes is None:
+            return fs.cat_file(path)
+        size, opener = fs.size(path), lambda: fs.open(path, "rb")
     if max_bytes is None:
-        return fs.cat_file(path)
+        with opener() as handle:
+            return handle.read()
     if size is not None and size > max_bytes:
         raise FileTooLarge(size, max_bytes)
-    with fs.open(path, "rb") as handle:
+    with opener() as handle:
         data = handle.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise FileTooLarge(len(data), max_bytes)
@@ -188,6 +262,17 @@ def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig | None = No
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def write_parquet_atomic(uri: str, table, storage: StorageConfig | None = None) -> None:
+    """`table` (a pyarrow Table) as one Parquet file at `uri`, appearing whole (write_bytes_atomic)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes_atomic(uri, buf.getvalue(), storage)
 
 
 def write_json_atomic(uri: str, obj: Any, storage: StorageConfig | None = None) -> None:

@@ -88,6 +88,14 @@ def init_model(cfg: TrainConfig, manifest: dict[str, Any]):
     return bundle
 
 
+def check_model_fits(cfg: TrainConfig, manifest: dict[str, Any]) -> None:
+    """ConfigError when the architecture cannot take the dataset's image size (a prepared dataset's
+    size is known only from its manifest)."""
+    problem = cfg.model.image_size_problem(manifest["image_size"])
+    if problem:
+        raise ConfigError(f"{problem} (the dataset's size; prepare it with a larger --image-size)")
+
+
 def _train_loop_on_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function: TensorFlow is imported on the workers only, never here."""
     from emotion_ray.train_worker import train_loop_per_worker
@@ -102,14 +110,21 @@ def build_trainer(
     run_name: str,
     mlflow_run_id: str | None = None,
     callbacks: list | None = None,
+    backbone_weights: bytes | None = None,
     progress=None,
 ):
     """The TensorflowTrainer for one training run; tune.py builds its trials with this too.
+    `backbone_weights`: backbones.resolve_weights(cfg.model) as the caller read it once (read here
+    when not given); every worker gets these bytes, none reads or downloads the file itself.
     `progress`: a console.Tally handle the chief reports each epoch to, or None."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
+    from emotion_ray.backbones import resolve_weights
     from emotion_ray.dataset import load_split
+
+    if backbone_weights is None:
+        backbone_weights = resolve_weights(cfg.model, cfg.storage)
 
     storage_path, storage_fs = run_storage(cfg)
     cpus_per_worker = cfg.cpus_per_worker or worker_cpus(ray.cluster_resources().get("CPU", 0), cfg.workers,
@@ -126,6 +141,7 @@ def build_trainer(
             "mlflow_run_id": mlflow_run_id,
             "cache_rows_per_worker": _cache_rows(cfg, manifest),
             "init_model": init_model(cfg, manifest),
+            "backbone_weights": backbone_weights,
             "steps_per_epoch": -(-manifest["split_rows"]["train"] // cfg.batch_size),
             "train_counts": manifest["counts"]["train"],
             "progress": progress,
@@ -153,6 +169,7 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
     """Train, evaluate, export and track one run; returns its summary (metrics.json's figures,
     run_dir, mlflow_run_id). `mlflow_parent_run_id` hangs the MLflow run under another."""
     from emotion_ray import tracking
+    from emotion_ray.backbones import resolve_weights
     from emotion_ray.evaluate import export_run
 
     run_name = cfg.run_name or "run_" + dt.datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -163,20 +180,24 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
         raise ConfigError(f"run {run_dir} already exists; pass --resume to continue it, or choose a new --run-name")
     if cfg.resume and not exists:
         raise ConfigError(f"cannot resume: no run at {run_dir}")
-    console.keep_log_in(run_dir)
+    backbone_weights = resolve_weights(cfg.model, cfg.storage)  # read (or downloaded) once, here
     init_ray()
     dataset_uri, manifest = resolve_dataset(cfg, run_dir)
+    check_model_fits(cfg, manifest)
+    console.keep_log_in(run_dir)  # the run can start: its folder gets the CLI's log
 
     mlflow_run_id = None
     if cfg.mlflow.enabled:
         mlflow_run_id = tracking.start_run(cfg.mlflow, run_name, cfg.model_dump(mode="json"),
                                            parent_run_id=mlflow_parent_run_id, resume=cfg.resume)
+        tracking.record_training_run(cfg, mlflow_run_id, run_name, dataset_uri, manifest)
         if cfg.model.init_from:  # the model this one started from (transfer learning)
             tracking.client(cfg.mlflow.tracking_uri).set_tag(mlflow_run_id, "emotion_ray.init_from",
                                                              cfg.model.init_from)
     # Same name + storage path: Ray Train V2 restores the run's checkpoint state on its own.
     with console.remote_progress(cfg.epochs, "training", "epoch") as progress:
-        result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id, progress=progress).fit()
+        result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
+                               backbone_weights=backbone_weights, progress=progress).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} produced no checkpoint: {result.error}")
     metrics = export_run(result.checkpoint, cfg, dataset_uri, manifest, run_dir, mlflow_run_id)

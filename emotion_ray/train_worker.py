@@ -87,10 +87,10 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         super().__init__()
         self.state, self.work_dir, self.patience, self.rank = state, work_dir, patience, rank
         self.on_report, self.progress = on_report, progress
-        self.started = 0.0
+        self.started = self.cpu_started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.started = time.perf_counter()
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
         import ray.train
@@ -98,6 +98,9 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         state = self.state
         metrics = {k: float(v) for k, v in (logs or {}).items()}
         metrics["epoch_seconds"] = time.perf_counter() - self.started
+        # CPU seconds of this worker's process (all its threads): on a shared machine, what the epoch
+        # cost rather than how long it waited for the cores.
+        metrics["epoch_cpu_seconds"] = time.process_time() - self.cpu_started
         epoch_no = epoch + 1
         improved = state["best_val_loss"] is None or metrics["val_loss"] < state["best_val_loss"]
         if improved:
@@ -149,15 +152,18 @@ def _fine_tuning(cfg: TrainConfig, from_epoch: int) -> TrainConfig:
 
 
 def _initial_model(cfg: TrainConfig, classes: list[str], image_size: int, init_model, state: dict[str, Any],
-                   steps_per_epoch: int):
+                   steps_per_epoch: int, backbone_weights: bytes | None = None):
     """A compiled model for a run's first epoch: built from its config, or with init_from (a
-    ModelBundle) the earlier model's layers and a classifier for `classes`, frozen first when
-    freeze_epochs is set. Call inside the strategy's scope."""
+    ModelBundle) the earlier model's layers and a classifier for `classes`. Its reused part (the
+    earlier model's layers, or a backbone starting from `backbone_weights`) is frozen first when
+    freeze_epochs is set, else trained at the fine-tuning rate. Call inside the strategy's scope."""
     if init_model is None:
-        model = model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage)
-        return model_lib.compile_for_training(model, cfg, steps_per_epoch)
-    model = model_lib.reuse_for_classes(model_lib.load_model_bytes(init_model.model_bytes), init_model.classes,
-                                        classes)
+        model = model_lib.build_model(cfg.model, len(classes), image_size, cfg.storage, backbone_weights)
+        if not cfg.model.pretrained_backbone:  # nothing reused: every layer at the run's rate
+            return model_lib.compile_for_training(model, cfg, steps_per_epoch)
+    else:
+        model = model_lib.reuse_for_classes(model_lib.load_model_bytes(init_model.model_bytes),
+                                            init_model.classes, classes)
     if cfg.model.freeze_epochs:
         model_lib.set_reused_trainable(model, False)
         state["reused_frozen"] = True
@@ -168,7 +174,8 @@ def _initial_model(cfg: TrainConfig, classes: list[str], image_size: int, init_m
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. `loop_config`: train (a TrainConfig as JSON), classes,
     image_size, mlflow_run_id (or None), cache_rows_per_worker, init_model (a ModelBundle or None),
-    steps_per_epoch (optimizer steps: ceil(train rows / global batch)), train_counts (rows per class)."""
+    backbone_weights (the bytes of the backbone's weights file, or None), steps_per_epoch (optimizer
+    steps: ceil(train rows / global batch)), train_counts (rows per class)."""
     import ray.train
 
     cfg = TrainConfig.model_validate(loop_config["train"])
@@ -193,7 +200,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             state = fresh_state()
             model = _initial_model(cfg, classes, image_size, loop_config.get("init_model"), state,
-                                   loop_config["steps_per_epoch"])
+                                   loop_config["steps_per_epoch"], loop_config.get("backbone_weights"))
     state["starts"].append(state["epoch"])
 
     per_worker_batch = cfg.batch_size // world
@@ -219,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model.fit(train_ds, validation_data=val_ds, epochs=epochs, initial_epoch=state["epoch"], callbacks=[callback],
                   class_weight=weights, verbose=0)
 
-    if state["reused_frozen"]:  # init_from: the new classifier alone first
+    if state["reused_frozen"]:  # init_from or a pretrained backbone: the new classifier alone first
         fit_until(min(cfg.model.freeze_epochs, cfg.epochs))
         with strategy.scope():
             model_lib.set_reused_trainable(model, True)

@@ -12,6 +12,7 @@ exported to <output>/<name>/best and registered in MLflow under the experiment's
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -46,8 +47,30 @@ def tune_domain(dist: Distribution):
     }[dist.kind]()
 
 
-def _trial(config: dict[str, Any]) -> None:
-    """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once."""
+def model_variants(cfg: TuneConfig) -> list[TrainConfig]:
+    """A train config for each combination of architecture, backbone_weights and init_from the search
+    can sample (the keys that decide which model a trial builds; the others as in base)."""
+    keys = [k for k in ("model.architecture", "model.backbone_weights", "model.init_from") if k in cfg.space]
+    return [cfg.train_config(dict(zip(keys, values)))
+            for values in itertools.product(*(cfg.space[k].examples() for k in keys))]
+
+
+def backbone_weights(cfg: TuneConfig) -> dict[tuple[str, str], bytes]:
+    """Every pretrained backbone's weights the search can use, read (or downloaded) once by the driver:
+    {(architecture, backbone_weights): the file's bytes}. ConfigError for a missing file."""
+    from emotion_ray.backbones import resolve_weights
+
+    weights = {}
+    for variant in model_variants(cfg):
+        key = (variant.model.architecture, variant.model.backbone_weights)
+        if variant.model.pretrained_backbone and key not in weights:
+            weights[key] = resolve_weights(variant.model, cfg.storage)
+    return weights
+
+
+def _trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes] | None = None) -> None:
+    """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once.
+    `backbone_weights`: see backbone_weights() (Tune ships them through the object store once)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -63,9 +86,12 @@ def _trial(config: dict[str, Any]) -> None:
     mlflow_run_id = None
     if tcfg.mlflow.enabled:
         mlflow_run_id = tracking.start_run(tcfg.mlflow, run_name, {**cfg.model_dump(mode="json"), **sampled},
-                                           parent_run_id=setup["parent_run_id"], resume=True)
+                                           parent_run_id=setup["parent_run_id"], resume=True,
+                                           source=setup["source_tags"])
+        tracking.record_training_run(cfg, mlflow_run_id, run_name, setup["dataset_uri"], setup["manifest"])
+    weights = (backbone_weights or {}).get((cfg.model.architecture, cfg.model.backbone_weights))
     trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
-                            callbacks=[TuneReportCallback()])
+                            callbacks=[TuneReportCallback()], backbone_weights=weights)
     trainer.fit()
     if mlflow_run_id:
         tracking.client(tcfg.mlflow.tracking_uri).set_terminated(mlflow_run_id, status="FINISHED")
@@ -171,9 +197,10 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     from emotion_ray import tracking
     from emotion_ray.evaluate import export_run
     from emotion_ray.runtime import init_ray
-    from emotion_ray.train import resolve_dataset, run_storage
+    from emotion_ray.train import check_model_fits, resolve_dataset, run_storage
 
     cfg = load_tune_config(config_path, overrides)
+    weights = backbone_weights(cfg)  # before any cluster work: a missing file stops here
     init_ray()
     user_cpus_per_worker = cfg.trial.cpus_per_worker
     concurrency, cpus_per_worker = _check_resources(cfg)
@@ -181,15 +208,21 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     cfg.trial.cpus_per_worker = cpus_per_worker  # one decision for every trial, made here
     probe = cfg.train_config({})
     dataset_uri, manifest = resolve_dataset(probe, cfg.experiment_dir)
+    for variant in model_variants(cfg):
+        check_model_fits(variant, manifest)
 
     parent_run_id = None
     if cfg.mlflow.enabled:
         parent_run_id = tracking.start_run(cfg.mlflow, f"tune_{cfg.name}", cfg.model_dump(mode="json"), resume=True)
+        tracking.log_dataset(cfg.mlflow, parent_run_id, dataset_uri, manifest, cfg.storage)
     setup = {"tune": cfg.model_dump(mode="json"), "dataset_uri": dataset_uri, "manifest": manifest,
-             "parent_run_id": parent_run_id}
+             "parent_run_id": parent_run_id,
+             # the trials' runs name this driver's command and commit, not a Tune worker's
+             "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    trainable = ray.tune.with_resources(_trial, {"cpu": TRIAL_DRIVER_CPUS})
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, backbone_weights=weights),
+                                        {"cpu": TRIAL_DRIVER_CPUS})
     storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
     storage_path, storage_fs = run_storage(storage_probe)
     experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir

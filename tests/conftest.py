@@ -101,6 +101,26 @@ def prepared_demo(ray_session, demo_images, tmp_path_factory) -> Path:
     return out
 
 
+READERS = ("pandas", "polars", "polars *.parquet", "duckdb *", "duckdb *.parquet", "pyarrow.dataset")
+
+
+def read_with_every_reader(folder: Path) -> dict[str, int]:
+    """The rows each reader finds in a Parquet folder, pointed at it as its users would (README)."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.dataset as pads
+
+    return {
+        "pandas": len(pd.read_parquet(folder)),
+        "polars": pl.read_parquet(folder).height,
+        "polars *.parquet": pl.read_parquet(folder / "*.parquet").height,
+        "duckdb *": duckdb.sql(f"SELECT count(*) FROM read_parquet('{folder}/*')").fetchall()[0][0],
+        "duckdb *.parquet": duckdb.sql(f"SELECT count(*) FROM '{folder}/*.parquet'").fetchall()[0][0],
+        "pyarrow.dataset": pads.dataset(folder, format="parquet").count_rows(),
+    }
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

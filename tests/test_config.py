@@ -43,6 +43,15 @@ def test_score_defaults_follow_the_device():
     assert (chosen.batch_size, chosen.num_predictors) == (32, 3)
 
 
+def test_min_confidence_is_a_probability():
+    where = {"model": "m", "inputs": ["i"], "output": "o"}
+    assert build_config(ScoreConfig, where).min_confidence is None  # off by default
+    assert build_config(ScoreConfig, where, {"min_confidence": 0.7}).min_confidence == 0.7
+    for bad in (1.5, -0.1):
+        with pytest.raises(ConfigError, match="min_confidence"):
+            build_config(ScoreConfig, where, {"min_confidence": bad})
+
+
 def test_yaml_and_overrides_merge(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data: d\nepochs: 4\nmodel:\n  dropout: 0.2\n")
@@ -88,3 +97,62 @@ def test_tune_schema_lives_with_the_others_and_plumbing_is_not_a_user_key():
     with pytest.raises(ConfigError, match="mlflow_parent_run_id: unknown key"):
         build_config(TrainConfig, {"data": "d", "mlflow_parent_run_id": "x"})
     assert "space" in TuneConfig.model_fields
+
+
+# ----------------------------------------------------------------------------- backbones (issue #16, item 2)
+def test_backbone_architectures_and_their_weights_are_validated():
+    from emotion_ray.config import BACKBONE_ARCHITECTURES, ModelConfig
+
+    with pytest.raises(ConfigError, match="model.architecture: .*'mobilenet_v3_small' or 'efficientnet_b0'"):
+        build_config(TrainConfig, {"data": "d", "model": {"architecture": "resnet50"}})
+    for arch in BACKBONE_ARCHITECTURES:
+        # Keras' backbones refuse images under 32x32: known before any cluster work.
+        with pytest.raises(ConfigError, match=f"{arch} needs image_size >= 32, got 24"):
+            build_config(TrainConfig, {"data": "d", "image_size": 24, "model": {"architecture": arch}})
+        assert build_config(TrainConfig, {"data": "d", "image_size": 32, "model": {"architecture": arch}})
+    with pytest.raises(ConfigError, match="face_cnn needs image_size >= 16"):
+        build_config(TrainConfig, {"data": "d", "image_size": 8, "model": {"architecture": "face_cnn"}})
+    # init_from ignores the architecture: the earlier model's size is checked against the data instead.
+    assert build_config(TrainConfig, {"data": "d", "image_size": 24,
+                                      "model": {"architecture": "efficientnet_b0", "init_from": "runs/a"}})
+    assert [ModelConfig(backbone_weights=v).backbone_weights for v in ("none", "None", "", None)] == [None] * 4
+    assert ModelConfig(backbone_weights=" ImageNet ").backbone_weights == "imagenet"
+    pretrained = ModelConfig(architecture="mobilenet_v3_small", backbone_weights="imagenet")
+    assert pretrained.pretrained_backbone
+    assert not pretrained.model_copy(update={"architecture": "face_cnn"}).pretrained_backbone  # no backbone
+    assert not pretrained.model_copy(update={"init_from": "runs/a"}).pretrained_backbone
+    assert not pretrained.model_copy(update={"backbone_weights": None}).pretrained_backbone
+
+
+def test_cli_train_refuses_a_missing_backbone_file_before_any_cluster_work(tmp_path):
+    res = run_cli("train", "--data", str(tmp_path / "d"), "--output", str(tmp_path / "runs"),
+                  "--architecture", "mobilenet_v3_small", "--set", f"model.backbone_weights={tmp_path}/w.h5")
+    assert res.returncode == 2 and f"model.backbone_weights: no file at {tmp_path}/w.h5" in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_model_fits_the_prepared_datasets_size():
+    from emotion_ray.train import check_model_fits
+
+    cfg = build_config(TrainConfig, {"data": "d", "model": {"architecture": "mobilenet_v3_small"}})
+    with pytest.raises(ConfigError, match="mobilenet_v3_small needs image_size >= 32, got 24 .*--image-size"):
+        check_model_fits(cfg, {"image_size": 24})
+    check_model_fits(cfg, {"image_size": 48})
+
+
+def test_tracking_uri_flag_beats_mlflow_tracking_uri_which_beats_the_default(monkeypatch, tmp_path):
+    from emotion_ray.cli import SCORE_FLAGS, TRAIN_FLAGS, _config_from_args, build_parser
+
+    def tracking_uris(*flags: str) -> tuple[str, str]:
+        score = build_parser().parse_args(["score", "--model", "m", "--input", "i", "--output", "o", *flags])
+        train = build_parser().parse_args(["train", "--data", "d", *flags])
+        return (_config_from_args(ScoreConfig, score, SCORE_FLAGS).mlflow_tracking_uri,
+                _config_from_args(TrainConfig, train, TRAIN_FLAGS).mlflow.tracking_uri)
+
+    for name in ("MLFLOW_TRACKING_URI", "EMOTION_RAY_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking_uris() == (f"sqlite:///{tmp_path.resolve()}/mlflow.db",) * 2
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
+    assert tracking_uris() == ("http://from-env:5000",) * 2
+    assert tracking_uris("--tracking-uri", "http://from-flag:5000") == ("http://from-flag:5000",) * 2

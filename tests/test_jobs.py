@@ -1,4 +1,5 @@
-"""`ray job submit` against a real local Ray head started by the test; cluster.yaml against Ray's schema."""
+"""`ray job submit` against a real local Ray head started by the test, end to end on S3 (moto);
+cluster.yaml against Ray's schema."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import psutil
 import pytest
 import yaml
 
+from emotion_ray.config import StorageConfig
+from emotion_ray.score import read_scores
 from tests.conftest import BIN, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,25 +84,36 @@ def submit(address: str, env: dict, *args: str, timeout: float = 900) -> str:
 
 
 @pytest.mark.slow
-def test_prepare_train_score_via_ray_job_submit(ray_head, tmp_path):
+def test_prepare_train_score_via_ray_job_submit_all_on_s3(ray_head, s3_endpoint, s3_bucket, tmp_path):
+    """The users' path in one test: jobs/ submitted to a Ray head, data, runs and scores on S3
+    (a moto server), checkpoints on S3, MLflow on sqlite."""
+    import s3fs
+
     from emotion_ray.demo import make_demo_dataset
 
     address, env = ray_head
-    images = tmp_path / "images"
-    make_demo_dataset(images, per_class=30, seed=11, canvas=64)
-    dataset, runs, scores = tmp_path / "dataset", tmp_path / "runs", tmp_path / "scores"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
+    local = tmp_path / "images"
+    make_demo_dataset(local, per_class=20, seed=11, canvas=64)
+    fs.put(str(local) + "/", f"{s3_bucket}/raw/", recursive=True)
+    base, endpoint = f"s3://{s3_bucket}", ["--s3-endpoint-url", s3_endpoint]
 
-    logs = submit(address, env, "jobs/prepare.py", "--input", str(images), "--output", str(dataset),
-                  "--image-size", "32")
-    assert "prepared dataset" in logs and json.loads((dataset / "manifest.json").read_text())["rows"] == 90
+    logs = submit(address, env, "jobs/prepare.py", "--input", f"{base}/raw", "--output", f"{base}/dataset",
+                  "--image-size", "32", *endpoint)
+    assert "prepared dataset" in logs
+    assert json.loads(fs.cat_file(f"{s3_bucket}/dataset/manifest.json"))["rows"] == 60
 
-    logs = submit(address, env, "jobs/train.py", "--data", str(dataset), "--output", str(runs), "--run-name", "job",
-                  "--workers", "2", "--epochs", "2", "--batch-size", "16",
-                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")
-    metrics = json.loads((runs / "job" / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 2 and (runs / "job" / "model.keras").exists()
+    submit(address, env, "jobs/train.py", "--data", f"{base}/dataset", "--output", f"{base}/runs", "--run-name", "job",
+           "--workers", "2", "--epochs", "2", "--batch-size", "16", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+           *endpoint)
+    names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/job")}
+    assert {"model.keras", "labels.json", "metrics.json", "history.csv", "loss.png"} <= names
+    assert any(n.startswith("checkpoint_") for n in names), names
+    assert json.loads(fs.cat_file(f"{s3_bucket}/runs/job/metrics.json"))["epochs_run"] == 2
 
-    submit(address, env, "jobs/score.py", "--model", str(runs / "job"), "--input", str(images),
-           "--output", str(scores))
-    summary = json.loads((scores / "_SUCCESS.json").read_text())
-    assert summary["rows"] == 90 and summary["errors"] == {}
+    submit(address, env, "jobs/score.py", "--model", f"{base}/runs/job", "--input", f"{base}/raw",
+           "--output", f"{base}/scores", *endpoint)
+    rows = read_scores(f"{base}/scores", StorageConfig(s3_endpoint_url=s3_endpoint)).to_pylist()
+    assert len({r["path"] for r in rows}) == len(rows) == 60 and all(r["error"] is None for r in rows)
+    summary = json.loads(fs.cat_file(f"{s3_bucket}/scores/_SUCCESS.json"))
+    assert summary["rows"] == 60 and summary["errors"] == {}

@@ -47,6 +47,7 @@ def test_scaling_lives_in_the_model():
 
 @pytest.mark.parametrize("arch", ["seed_cnn", "wide_cnn", "mobilenet_v2", "face_cnn"])
 def test_every_architecture_saves_and_reloads_to_identical_predictions(arch, tmp_path):
+    # mobilenet_v3_small and efficientnet_b0: in their own tests below (each backbone is slow to build).
     cfg = ModelConfig(architecture=arch, dropout=0.2, augmentation=FACE_AUG)
     size = 32
     model = compile_model(build_model(cfg, 3, size), 1e-3)
@@ -71,17 +72,60 @@ def test_forward_pass_is_predict_in_inference_mode_for_any_batch_size():
     assert forward.experimental_get_tracing_count() == 1  # one trace for every batch size
 
 
-def test_backbone_weights_come_from_a_given_file(tmp_path):
-    from emotion_ray.model import keras
+def _backbone_weights_file(arch: str, path, size: int = 32, seed: int = 0):
+    """A backbone built as model.py builds it (weights=None), with random BatchNorm statistics and,
+    for EfficientNet, an ImageNet-like Normalization, saved with save_weights to `path`."""
+    from emotion_ray.model import BACKBONES
 
+    constructor, options, _ = BACKBONES[arch]
+    source = constructor(input_shape=(size, size, 3), include_top=False, weights=None, **options)
+    rng = np.random.default_rng(seed)
+    for layer in source.layers:
+        if isinstance(layer, (keras.layers.BatchNormalization, keras.layers.Normalization)):
+            layer.set_weights([rng.uniform(0.1, 1.0, w.shape).astype(w.dtype) for w in layer.get_weights()])
+    source.save_weights(str(path))
+    return source
+
+
+def _backbone(model):
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+@pytest.mark.parametrize("arch, name", [("mobilenet_v2", "backbone.weights.h5"), ("mobilenet_v3_small", "b.h5")])
+def test_backbone_weights_come_from_a_given_file(arch, name, tmp_path):
+    """Both HDF5 layouts save_weights writes (Keras v3 `.weights.h5`, legacy `.h5`) load, whatever the name."""
     size = 32
-    source = keras.applications.MobileNetV2(input_shape=(size, size, 3), include_top=False, weights=None, alpha=0.35)
-    weights = tmp_path / "backbone.weights.h5"
-    source.save_weights(weights)
-    model = build_model(ModelConfig(architecture="mobilenet_v2", backbone_weights=str(weights)), 3, size)
-    backbone = next(layer for layer in model.layers if layer.name.startswith("mobilenetv2"))
-    for a, b in zip(source.get_weights(), backbone.get_weights()):
+    source = _backbone_weights_file(arch, tmp_path / name, size)
+    (tmp_path / name).rename(tmp_path / "renamed.bin")  # the layout is read from the contents
+    cfg = ModelConfig(architecture=arch, backbone_weights=str(tmp_path / "renamed.bin"), dropout=0.2)
+    model = build_model(cfg, 3, size)
+    assert model.input.dtype == "uint8" and model.output_shape == (None, 3)
+    loaded = _backbone(model).get_weights()
+    assert len(loaded) == len(source.get_weights())
+    for a, b in zip(source.get_weights(), loaded):
         np.testing.assert_array_equal(a, b)
+    if arch == "mobilenet_v2":
+        return
+    # Pretrained: the backbone runs in inference mode (its BatchNorm statistics stay), also in fit.
+    x = np.random.default_rng(1).integers(0, 256, (8, size, size, 3), dtype=np.uint8)
+    compile_model(model, 1e-3).fit(x, np.eye(3)[np.arange(8) % 3], epochs=1, verbose=0)
+    moving = [w for w in _backbone(model).weights if "moving" in w.name]
+    assert moving and all(np.array_equal(w.numpy(), s.numpy()) for w, s in
+                          zip(moving, [w for w in source.weights if "moving" in w.name]))
+
+
+def test_a_backbone_model_sees_a_colour_image_as_its_grey_version():
+    # (A MobileNetV3 model file, hard-swish arithmetic included, loads in safe mode: tests/test_train.py.)
+    model = build_model(ModelConfig(architecture="mobilenet_v3_small", grey=True, dropout=0.2,
+                                    augmentation=FACE_AUG), 3, 32)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds[:2] == ["InputLayer", "Rescaling"] and kinds[-4:] == ["Functional", "GlobalAveragePooling2D",
+                                                                         "Dropout", "Dense"]
+    assert {"RandomFlip", "RandomBrightness"} <= set(kinds) and kinds.index("Dense") > kinds.index("RandomBrightness")
+    colour = np.random.default_rng(4).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    luma = np.rint(colour.astype("float64") @ np.array(GREY_WEIGHTS)).astype(np.uint8)
+    grey = np.repeat(luma[..., None], 3, axis=-1)
+    np.testing.assert_allclose(model.predict(colour, verbose=0), model.predict(grey, verbose=0), atol=2e-3)
 
 
 def _trained_seed_cnn(size: int = 32):
@@ -182,6 +226,12 @@ def test_face_cnn_sees_a_colour_image_as_its_grey_version():
     np.testing.assert_allclose(model.predict(colour, verbose=0), model.predict(grey, verbose=0), atol=2e-3)
     # And the channels are mixed only by luma: swapping red and blue of a grey image changes nothing.
     np.testing.assert_array_equal(model.predict(grey, verbose=0), model.predict(grey[..., ::-1], verbose=0))
+    # Fine-tuning after frozen epochs unfreezes the reused layers, never the fixed luma.
+    from emotion_ray.model import set_reused_trainable
+
+    set_reused_trainable(model, False)
+    set_reused_trainable(model, True)
+    assert not grey_layer.trainable and all(layer.trainable for layer in model.layers if layer is not grey_layer)
 
 
 def test_face_cnn_trains_with_every_face_augmentation():

@@ -78,6 +78,23 @@ def test_keep_patterns_and_leftover_temp_files(tmp_path):
     assert marker["written"] == ["part-a-00000.parquet", "part-a-00001.parquet"]
 
 
+@pytest.mark.fast
+def test_a_stage_s_own_marker_fields_survive_every_ownership_update(tmp_path):
+    """Score remembers its model in the marker; claiming, recording and cleaning keep it."""
+    out = str(tmp_path / "scores")
+    assert outputs.marker_fields(out, "_emotion_ray_scores") == {}
+    outputs.claim_folder(out, "_emotion_ray_scores", "score")
+    outputs.set_marker_fields(out, "_emotion_ray_scores", {"model": {"sha256": "ab"}})
+    outputs.record_written(out, "_emotion_ray_scores", ["data/part-a.parquet", "_SUCCESS.json"])
+    write(tmp_path / "scores" / "_SUCCESS.json")
+    outputs.claim_folder(out, "_emotion_ray_scores", "score")
+    assert outputs.remove_owned(out, "_emotion_ray_scores", keep=["data/part-*.parquet"]) == ["_SUCCESS.json"]
+    outputs.set_marker_fields(out, "_emotion_ray_scores", {"rows": 3})
+    marker = json.loads((tmp_path / "scores" / "_emotion_ray_scores").read_text())
+    assert marker["written"] == ["data/part-a.parquet"] and marker["owner"] == "score"
+    assert outputs.marker_fields(out, "_emotion_ray_scores") == {"model": {"sha256": "ab"}, "rows": 3}
+
+
 def test_old_style_marker_owns_only_the_stage_well_known_names(tmp_path):
     ds = tmp_path / "ds"
     write(ds / MARKER, json.dumps({"written_by": "emotion_ray 0.3.0", "note": "managed by prepare"}))

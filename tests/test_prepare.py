@@ -5,16 +5,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PrepareConfig
 from emotion_ray.dataset import SPLITS, load_split, read_manifest
 from emotion_ray.prepare import prepare, split_of
@@ -34,6 +38,8 @@ def rows_of(out: Path) -> list[dict]:
     rows = []
     for split in SPLITS:
         files = [str(out / rel) for rel in manifest["shards"][split]]
+        if not files:  # an empty split
+            continue
         for row in pads.dataset(files, format="parquet").to_table(columns=["path", "label", "content_hash"]).to_pylist():
             rows.append({**row, "split": split})
     return rows
@@ -73,6 +79,9 @@ def messy_tree(tmp_path) -> Path:
 
 
 def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_tree, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1): a row, its path escaped losslessly.
+    odd_name = os.path.join(os.fsencode(messy_tree / "sad"), b"espa\xf1a.jpg")
+    Image.new("RGB", (40, 40), (90, 20, 160)).save(odd_name, format="JPEG")
     before = tree_digest(messy_tree)
     out = tmp_path / "out"
     manifest = prepare(PrepareConfig(inputs=[str(messy_tree)], output=str(out), image_size=24, max_pixels=4_000_000))
@@ -89,9 +98,16 @@ def test_messy_tree_every_file_accounted_and_input_untouched(ray_session, messy_
     assert reasons == {"empty.jpg": "empty", "truncated.jpg": "truncated", "text.png": "not_an_image",
                        "bomb.png": "too_large"}
     assert manifest["ignored"]["by_reason"] == {"hidden": 2, "not_in_class_folder": 1, "not_an_image_extension": 1}
-    # Every odd mode made it in as a row.
+    skipped = pq.read_table(out / manifest["ignored"]["listed_in"]).to_pylist()  # at the root: skipped.parquet
+    assert sorted((Path(r["path"]).relative_to(messy_tree).as_posix(), r["reason"]) for r in skipped) == [
+        (".hidden_dir/x.jpg", "hidden"), ("happy/.DS_Store", "hidden"), ("happy/README.txt", "not_an_image_extension"),
+        ("loose_file.jpg", "not_in_class_folder")]
+    # Every odd mode (and name) made it in as a row.
     names = {Path(r["path"]).name for r in rows}
-    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG"} <= names
+    assert {"mode_RGBA.png", "mode_P.bmp", "mode_LA.png", "mode_I16.png", "real_cmyk.jpg", "copy.JPEG",
+            "espa%F1a.jpg"} <= names
+    [odd] = [r for r in rows if r["path"].endswith("espa%F1a.jpg")]
+    assert os.fsencode(storage.unescape(odd["path"])) == odd_name and odd["label"] == "sad"
     # Counts in the manifest equal the rows per split and class.
     for split in SPLITS:
         for label, n in manifest["counts"][split].items():
@@ -165,6 +181,25 @@ def test_missing_class_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match=r"no images found for class\(es\) \['sad'\]"):
         prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"), image_size=16,
                               classes=["angry", "happy", "sad"]))
+
+
+@pytest.mark.fast
+def test_every_ignored_file_is_listed_with_its_reason(tmp_path):
+    """What skipped.parquet holds: each file found that is not an input, with why; the counts agree."""
+    from emotion_ray.prepare import list_labelled_files
+
+    root = tmp_path / "in"
+    for rel in ("happy/a.jpg", "sad/b.png", "angry/c.jpg", "happy/.d.jpg", "happy/notes.txt", "loose.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(b"listing reads no bytes")
+    listing = list_labelled_files(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "o"),
+                                                classes=["happy", "sad"]))
+    assert sorted((Path(p).relative_to(root).as_posix(), r) for p, r in listing.ignored.rows) == [
+        ("angry/c.jpg", "class_not_selected"), ("happy/.d.jpg", "hidden"), ("happy/notes.txt", "not_an_image_extension"),
+        ("loose.jpg", "not_in_class_folder")]
+    assert listing.ignored.counts() == {"class_not_selected": 1, "hidden": 1, "not_an_image_extension": 1,
+                                        "not_in_class_folder": 1}
+    assert listing.found == len(listing.files) + len(listing.ignored) == 6
 
 
 def test_output_safety_rules(ray_session, tmp_path):
@@ -242,6 +277,8 @@ def test_prepare_with_faces_keeps_crops_with_their_source_and_counts_pictures(ra
     two = [r for r in shard.drop_columns(["image"]).to_pylist() if r["path"].endswith("two_people.jpg")]
     assert sorted(r["face_index"] for r in two) == [0, 1] and all(r["box_w"] > 50 and r["label"] == "happy" for r in two)
     assert len({r["content_hash"] for r in two}) == 1 and manifest["duplicates"]["duplicate_rows"] == 0
+    # A picture's faces share its group, and its pHash is the whole picture's.
+    assert len({(r["group"], r["phash"]) for r in two}) == 1 and two[0]["phash"] is not None
 
 
 def test_split_by_folder_keeps_the_given_splits_and_counts_cross_split_copies(ray_session, tmp_path):
@@ -249,10 +286,205 @@ def test_split_by_folder_keeps_the_given_splits_and_counts_cross_split_copies(ra
     for split, seed in (("train", 1), ("val", 2), ("test", 3)):
         make_demo_dataset(root / split, per_class=4, seed=seed, canvas=32)
     shutil.copy(root / "train" / "sad" / "sad_00000.jpg", root / "test" / "sad" / "leaked.jpg")
+    happy = next((root / "train" / "happy").iterdir())
+    (root / "val" / "happy" / "resized.jpg").write_bytes(copies_of(happy.read_bytes())["half"][0])  # a near-copy
     (root / "README.txt").write_text("not in a split folder")
     manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "ds"), image_size=16, split_by="folder"))
-    assert manifest["split_rows"] == {"train": 12, "val": 12, "test": 13}
+    assert manifest["split_rows"] == {"train": 12, "val": 13, "test": 13}
+    assert manifest["groups"]["groups_across_splits"] == 2  # counted (and warned about), the given splits kept
     assert {r["path"].split("/published/")[1].split("/")[0] for r in rows_of(tmp_path / "ds")
             if r["split"] == "val"} == {"val"}
     assert manifest["duplicates"]["groups_across_splits"] == 1
     assert manifest["ignored"]["by_reason"] == {"not_an_image_extension": 1}
+
+
+# ----------------------------------------------------------------------------- groups (issue 17, items 1-2)
+from emotion_ray import groups  # noqa: E402
+from emotion_ray.config import build_config  # noqa: E402
+from emotion_ray.images import decode_image  # noqa: E402
+
+FRACTIONS = {"train": 0.7, "val": 0.2, "test": 0.1}
+
+
+def copies_of(data: bytes) -> dict[str, tuple[bytes, str]]:
+    """A picture's near-duplicates as scraped folders hold them: resized to half (JPEG q90),
+    re-encoded at JPEG quality 30, cropped by 1 % of each side (PNG)."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    w, h = img.size
+    made = {}
+    for name, picture, fmt, options in (
+        ("half", img.resize((w // 2, h // 2), Image.Resampling.LANCZOS), "JPEG", {"quality": 90}),
+        ("q30", img, "JPEG", {"quality": 30}),
+        ("crop", img.crop((w // 100, h // 100, w - w // 100, h - h // 100)), "PNG", {}),
+    ):
+        buf = io.BytesIO()
+        picture.save(buf, format=fmt, **options)
+        made[name] = (buf.getvalue(), ".png" if fmt == "PNG" else ".jpg")
+    return made
+
+
+def plan_of(pictures: dict[str, bytes], size: int = 32, keys: dict[str, tuple[str, ...]] | None = None,
+            distance: int = 6) -> groups.GroupPlan:
+    names = list(pictures)
+    return groups.plan_groups(
+        names, [hashlib.sha256(pictures[n]).hexdigest() for n in names],
+        [groups.perceptual_hash(decode_image(pictures[n], size).pixels) for n in names], keys or {}, distance,
+        lambda digest: split_of(digest, FRACTIONS))
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("originals")
+    make_demo_dataset(root, per_class=4, seed=11, canvas=200)
+    return {p.name: p.read_bytes() for p in sorted(root.rglob("*.*"))}
+
+
+@pytest.mark.fast
+def test_resized_reencoded_and_cropped_copies_group_with_their_original(originals):
+    pictures = dict(originals)
+    for name, data in originals.items():
+        pictures.update({f"{name}.{kind}": copy for kind, (copy, _) in copies_of(data).items()})
+    plan = plan_of(pictures)
+    for name in originals:
+        family = [name] + [f"{name}.{kind}" for kind in ("half", "q30", "crop")]
+        assert len({plan.group[p] for p in family}) == 1, f"{name}: a copy left its original's group"
+        assert len({plan.split[p] for p in family}) == 1
+    # Unrelated faces stay apart; every copy is a near-duplicate of its original at least.
+    assert plan.stats["groups"] == len(originals) == plan.stats["groups_of_several_pictures"]
+    assert plan.stats["near_duplicate_pairs"] >= 3 * len(originals)
+    # The plain sha256 split would have put copies of most pictures in another split than the original.
+    assert plan.stats["groups_straddling_hash_split"] >= len(originals) // 2
+    assert plan.stats["groups_across_splits"] == 0
+    # 0 turns near-duplicates off: then every file is its own group, as before.
+    assert plan_of(pictures, distance=0).stats["groups"] == len(pictures)
+
+
+@pytest.mark.fast
+def test_group_plan_is_deterministic_stable_and_joins_every_relation():
+    rng = np.random.default_rng(0)
+    n = 400
+    paths = [f"/in/c/p{i}.jpg" for i in range(n)]
+    digests = [hashlib.sha256(p.encode()).hexdigest() for p in paths]
+    phashes = [int(v) for v in rng.integers(0, 2**63, n, dtype=np.int64)]  # unrelated: ~32 bits apart
+    phashes[1] = phashes[0] ^ 0b101  # a near-duplicate of p0 (2 bits)
+    digests[3] = digests[2]  # an exact copy of p2
+    keys = {paths[i]: ("ann",) for i in (10, 20, 30)}
+    keys[paths[30]] = ("ann", "session9")  # pattern says ann, CSV says session9: one group
+    keys[paths[40]] = ("session9",)
+    keys[paths[0]] = ("bob",)  # bob's picture has a near-duplicate without a key: it joins bob
+    plan = groups.plan_groups(paths, digests, phashes, keys, 6, lambda d: split_of(d, FRACTIONS))
+
+    assert len({plan.split[paths[i]] for i in (10, 20, 30, 40)}) == 1 and plan.group[paths[40]] == "ann"
+    assert plan.group[paths[1]] == plan.group[paths[0]] == "bob"
+    assert plan.group[paths[3]] == plan.group[paths[2]] == digests[2]
+    # A person's split depends on the key alone: stable whoever joins, in any dataset.
+    assert plan.split[paths[10]] == split_of(hashlib.sha256(b"ann").hexdigest(), FRACTIONS)
+    # A picture in no group keeps exactly the plain hash split.
+    assert all(plan.split[paths[i]] == split_of(digests[i], FRACTIONS) for i in range(50, n))
+    assert plan.stats["near_duplicate_pairs"] == 1 and plan.stats["group_keys"] == 3
+    assert plan.stats["groups"] == n - 1 - 1 - 3  # p1 joins p0, p3 joins p2, p20/30/40 join p10
+
+    order = rng.permutation(n)  # the same pictures in another order: the same plan
+    again = groups.plan_groups([paths[i] for i in order], [digests[i] for i in order], [phashes[i] for i in order],
+                               keys, 6, lambda d: split_of(d, FRACTIONS))
+    assert again.group == plan.group and again.split == plan.split and again.stats == plan.stats
+    # More data: only the groups new pictures join may move.
+    more = groups.plan_groups(paths + ["/in/c/new.jpg"], digests + ["0" * 64], phashes + [phashes[60] ^ 1], keys, 6,
+                              lambda d: split_of(d, FRACTIONS))
+    assert {p for p in paths if more.split[p] != plan.split[p]} <= {paths[60]}
+
+
+@pytest.mark.fast
+def test_groups_fill_the_splits_at_their_fractions():
+    # The smallest of a group's sha256s leans towards 0 (train): its own sha256 is what counts.
+    n = 3000
+    digests = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(4 * n)]
+    paths = [f"/in/c/{i}.jpg" for i in range(4 * n)]
+    values = np.random.default_rng(2).integers(0, 2**63, n)  # unrelated groups of 4 near-duplicates each
+    plan = groups.plan_groups(paths, digests, [int(values[i // 4]) for i in range(4 * n)], {}, 6,
+                              lambda d: split_of(d, FRACTIONS))
+    counts = Counter(plan.split.values())
+    assert plan.stats["groups"] == n and plan.stats["groups_across_splits"] == 0
+    assert all(abs(counts[s] / (4 * n) - FRACTIONS[s]) < 0.03 for s in SPLITS), counts
+
+
+@pytest.mark.fast
+def test_near_duplicate_pairs_match_every_pair_compared():
+    rng = np.random.default_rng(1)
+    hashes = rng.integers(0, 2**64, 3000, dtype=np.uint64)  # three blocks of PAIR_BLOCK
+    hashes[2900:3000] = hashes[:100] ^ np.uint64(0b111111)  # 6 bits away: near-duplicates at the limit
+    hashes[2800:2900] = hashes[100:200] ^ np.uint64(0b1111111)  # 7 bits away: not
+    a, b = groups.near_duplicate_pairs(hashes, 6)
+    distance = np.bitwise_count(hashes[:, None] ^ hashes[None, :])
+    expected = {(int(i), int(j)) for i, j in zip(*np.nonzero(np.triu(distance <= 6, 1)))}
+    assert set(zip(a.tolist(), b.tolist())) == expected and len(a) == len(expected)
+    assert {(i, 2900 + i) for i in range(100)} <= expected and not {(100 + i, 2800 + i) for i in range(100)} & expected
+
+
+@pytest.mark.fast
+def test_group_keys_from_a_pattern_and_a_csv(tmp_path):
+    names = {uri: (uri, uri[len("/d/"):], uri[len("/d/"):].split("/", 1)[1])
+             for uri in ("/d/happy/ann_01.jpg", "/d/sad/ann_02.png", "/d/sad/s1/bob_7.jpg", "/d/sad/IMG_1.jpg")}
+    csv_rows = groups.read_group_file(b"path,group,note\n./sad/s1/bob_7.jpg,robert,x\n/d/sad/IMG_1.jpg,ann,\n"
+                                      b"happy/gone.jpg,zed,\nsad/ann_02.png,,\n", "g.csv")
+    keys = groups.user_keys(names, r"([a-z]+)_\d+\.", csv_rows)
+    assert keys.by_path == {"/d/happy/ann_01.jpg": ("ann",), "/d/sad/ann_02.png": ("ann",),
+                            "/d/sad/s1/bob_7.jpg": ("bob", "robert"), "/d/sad/IMG_1.jpg": ("ann",)}
+    assert keys.file_rows_unmatched == 1  # happy/gone.jpg
+    with pytest.raises(ValueError, match="header row with `path` and `group`"):
+        groups.read_group_file(b"file,person\na.jpg,ann\n", "g.csv")
+    with pytest.raises(ValueError, match="line 3: a.jpg is given two groups"):
+        groups.read_group_file(b"path,group\na.jpg,ann\na.jpg,bob\n", "g.csv")
+
+
+@pytest.mark.fast
+def test_bad_group_config_is_named_before_any_cluster_work(tmp_path):
+    where = {"inputs": [str(tmp_path)], "output": str(tmp_path / "o")}
+    with pytest.raises(ConfigError, match=r"group_pattern: .*not a valid regular expression"):
+        build_config(PrepareConfig, {**where, "group_pattern": "([a-z]+"})
+    with pytest.raises(ConfigError, match=r"group_pattern: .*needs a capture group"):
+        build_config(PrepareConfig, {**where, "group_pattern": r"[a-z]+_\d+"})
+    with pytest.raises(ConfigError, match="near_duplicate_distance"):
+        build_config(PrepareConfig, {**where, "near_duplicate_distance": -1})
+    with pytest.raises(ConfigError, match=r"group_file .*missing\.csv not found"):
+        prepare(PrepareConfig(**where, group_file=str(tmp_path / "missing.csv")))
+    (tmp_path / "bad.csv").write_text("name,person\n")
+    with pytest.raises(ConfigError, match="needs a header row"):
+        prepare(PrepareConfig(**where, group_file=str(tmp_path / "bad.csv")))
+
+
+def test_near_duplicates_and_a_persons_pictures_never_straddle_splits(ray_session, originals, tmp_path):
+    root = tmp_path / "in"
+    for name, data in originals.items():
+        folder = root / name.split("_")[0]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"x{name}").write_bytes(data)
+        for kind, (copy, ext) in copies_of(data).items():
+            (folder / f"x{name}.{kind}{ext}").write_bytes(copy)
+    people = tmp_path / "people"
+    make_demo_dataset(people, per_class=4, seed=12, canvas=64)
+    for i, picture in enumerate(sorted(people.rglob("*.*"))):  # ann, bob, cat: each in every class
+        shutil.copy(picture, root / picture.parent.name / f"person-{('ann', 'bob', 'cat')[i % 3]}-{i}{picture.suffix}")
+    happy, sad = sorted(n for n in originals if n.startswith("happy"))[0], sorted(n for n in originals if n.startswith("sad"))[1]
+    (tmp_path / "groups.csv").write_text(f"path,group\nhappy/x{happy},session1\n{root / 'sad' / f'x{sad}'},session1\n")
+
+    manifest = prepare(PrepareConfig(inputs=[str(root)], output=str(tmp_path / "ds"), image_size=32,
+                                     group_pattern=r"^person-([a-z]+)-", group_file=str(tmp_path / "groups.csv")))
+    rows = rows_of(tmp_path / "ds")
+    assert len(rows) == 4 * len(originals) + 12
+    split = {Path(r["path"]).name: r["split"] for r in rows}
+    assert set(split.values()) == set(SPLITS)
+    for name in originals:
+        assert len({s for file, s in split.items() if file.startswith(f"x{name}")}) == 1, f"copies of {name} straddle"
+    for person in ("ann", "bob", "cat"):
+        assert len({s for file, s in split.items() if file.startswith(f"person-{person}-")}) == 1
+    assert split[f"x{happy}"] == split[f"x{sad}"]  # the CSV's session1
+    shards = pads.dataset([str(tmp_path / "ds" / rel) for s in SPLITS for rel in manifest["shards"][s]],
+                          format="parquet").to_table(columns=["path", "group", "phash"]).to_pylist()
+    assert {r["group"] for r in shards if "person-ann-" in r["path"]} == {"ann"}
+    assert all(r["phash"] is not None for r in shards)
+    g = manifest["groups"]
+    # 12 originals with their copies, less the two the CSV joins, and three people.
+    assert (g["groups"], g["group_keys"], g["pictures_with_group_key"]) == (14, 4, 14)
+    assert g["near_duplicate_pairs"] >= 3 * len(originals) and g["groups_across_splits"] == 0
+    assert g["groups_straddling_hash_split"] >= 6  # what the plain hash split would have leaked

@@ -15,27 +15,39 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from emotion_ray import storage
 from emotion_ray.config import ConfigError, PredictConfig, ScoreConfig, StorageConfig
 from emotion_ray.demo import make_demo_dataset
 from emotion_ray.errors import StageError
 from emotion_ray.inference import predict
 from emotion_ray.score import SUCCESS, read_scores, score
-from tests.conftest import run_on_declared_gpus
+from tests.conftest import READERS, read_with_every_reader, run_on_declared_gpus
 
 CLASSES = ["angry", "happy", "sad"]
 SIZE = 32
+TEMPERATURE = 2.0
+
+
+def untrained_run(run: Path) -> Path:
+    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model.
+    Its fitted temperature (TEMPERATURE) runs every path here through the calibrated outputs."""
+    from emotion_ray.config import ModelConfig
+    from emotion_ray.model import build_model, save_model
+
+    save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
+    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, "temperature": TEMPERATURE}))
+    return run
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A run directory with an (untrained) seed CNN: scoring mechanics do not need a good model."""
-    from emotion_ray.config import ModelConfig
-    from emotion_ray.model import build_model, save_model
+    return untrained_run(tmp_path_factory.mktemp("run"))
 
-    run = tmp_path_factory.mktemp("run")
-    save_model(build_model(ModelConfig(), len(CLASSES), SIZE), str(run / "model.keras"))
-    (run / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
-    return run
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory) -> Path:
+    """Another model of the same classes (its own random weights)."""
+    return untrained_run(tmp_path_factory.mktemp("other_run"))
 
 
 @pytest.fixture()
@@ -51,12 +63,21 @@ def images_with_bad_files(tmp_path) -> Path:
 
 
 def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_with_bad_files, tmp_path):
+    # A name that is not UTF-8 (the latin-1 byte 0xF1) between two good ones: each is a row.
+    odd = os.fsencode(images_with_bad_files / "names")
+    os.makedirs(odd)
+    for name, source in ((b"ok_before.jpg", "angry_00001.jpg"), (b"espa\xf1a.jpg", "angry_00002.jpg"),
+                         (b"ok_after.png", "angry_00003.jpg")):
+        shutil.copy(images_with_bad_files / "angry" / source, os.path.join(odd, name))
     out = tmp_path / "scores"
     summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
                                 batch_size=4), show_progress=False)
     table = read_scores(str(out)).to_pylist()
-    files = sorted(str(p) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
+    files = sorted(storage.escape(str(p)) for p in images_with_bad_files.rglob("*") if p.suffix in (".jpg", ".png"))
     assert sorted(r["path"] for r in table) == files  # every image file exactly once
+    [escaped] = [r for r in table if "espa" in r["path"]]
+    assert escaped["path"].endswith("/names/espa%F1a.jpg") and escaped["error"] is None
+    assert os.path.isfile(os.fsencode(storage.unescape(escaped["path"])))  # the text leads back to the file
     errors = {Path(r["path"]).name: r["error"].split(":")[0] for r in table if r["error"]}
     assert errors == {"empty.jpg": "empty", "not_really.png": "not_an_image", "cut.jpg": "truncated"}
     for r in table:
@@ -69,12 +90,18 @@ def test_one_row_per_file_with_errors_as_rows(ray_session, model_dir, images_wit
             assert r["model_id"].endswith(r["model_id"][-12:]) and "sha256=" in r["model_id"]
     assert summary["rows"] == len(files) and sum(summary["errors"].values()) == 3
     assert summary["skipped_inputs"] == {"not_an_image_extension": 1}
+    skipped = pq.read_table(out / summary["skipped_listed_in"]).to_pylist()
+    assert skipped == [{"path": str(images_with_bad_files / "notes.txt"), "reason": "not_an_image_extension"}]
+    assert pq.read_table(out).num_rows == len(files)  # Parquet readers of the folder see predictions only
     # Start-up and the steady rate after it, for sizing big jobs: batches of 4 give several batches.
     assert 0 < summary["first_batch_seconds"] < summary["seconds"] and summary["steady_images_per_second"] > 0
     assert json.loads((out / SUCCESS).read_text())["rows"] == len(files)
-    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    schema = pq.read_schema(next((out / "data").glob("part-*.parquet")))
     assert {"path", "label", "confidence", "prob_angry", "prob_happy", "prob_sad", "model_id", "width", "height",
             "error", "scored_at"} <= set(schema.names)
+    # The Parquet folder holds only Parquet: every reader reads it as it is.
+    assert summary["parquet"] == str(out / "data") and summary["part_files"] == 1
+    assert read_with_every_reader(out / "data") == dict.fromkeys(READERS, len(files))
 
 
 def _tree_hash(root: Path) -> dict[str, str]:
@@ -112,6 +139,8 @@ def test_zip_and_tar_archives_are_scored_in_place(ray_session, model_dir, images
     errors = sorted(r["error"].split(":")[0] for r in rows.values() if r["error"])
     assert errors == sorted(["empty", "not_an_image", "truncated"] * 2)
     assert summary["skipped_inputs"] == {"unreadable_archive": 1, "hidden": 2, "not_an_image_extension": 2}
+    skipped = pq.read_table(out / "_skipped.parquet").to_pylist()
+    assert len(skipped) == 5 and {"path": str(archives / "damaged.zip"), "reason": "unreadable_archive"} in skipped
     assert _tree_hash(archives) == before  # read in place, never unpacked or changed
 
     # A member scores exactly as the same file on disk does (one preprocessing path).
@@ -153,7 +182,7 @@ def test_interrupted_job_resumes_without_duplicates_or_gaps(ray_session, model_d
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list(out.glob("part-*.parquet")):
+    while not list(out.glob("data/part-*.parquet")):
         assert time.time() < deadline and proc.poll() is None, "scoring ended before it could be interrupted"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -191,14 +220,19 @@ def test_rerun_repairs_an_output_holding_duplicate_rows(ray_session, model_dir, 
     out = tmp_path / "scores"
     cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
     score(cfg, show_progress=False)
-    [part] = sorted(out.glob("part-*.parquet"))
+    [part] = sorted(out.glob("data/part-*.parquet"))
+    part = part.rename(out / part.name)  # the layout before data/, part files at the top,
     shutil.copy(part, out / "part-olderrun-00000.parquet")  # as two unlocked runs of older versions left it
     marker = json.loads((out / "_emotion_ray_scores").read_text())
-    marker.pop("written", None)  # and an old-style marker
+    marker.pop("written", None)  # and an old-style marker, which named no model
+    marker.pop("model", None)
     (out / "_emotion_ray_scores").write_text(json.dumps(marker))
+    (out / "data").rmdir()
+    assert len(read_scores(str(out))) == 36  # read as it is
     summary = score(cfg, show_progress=False)
     assert summary["duplicate_rows_dropped"] == 18 and summary["rows"] == 18
     assert len(read_scores(str(out))) == 18
+    assert not list(out.glob("part-*")) and len(list(out.glob("data/part-*.parquet"))) == 1  # moved into data/
 
 
 def test_use_gpu_without_gpus_fails_clearly_instead_of_waiting(ray_session, model_dir, images_with_bad_files,
@@ -225,26 +259,57 @@ def test_requests_no_node_can_hold_fail_at_once_instead_of_waiting(ray_session, 
     assert not read_scores(str(tmp_path / "scores")).num_rows
 
 
-def test_predict_gives_exactly_the_scores_probabilities(ray_session, model_dir, images_with_bad_files, tmp_path):
+def test_predict_gives_exactly_the_scores_probabilities_and_abstentions(ray_session, model_dir,
+                                                                       images_with_bad_files, tmp_path):
+    from emotion_ray.calibration import apply_temperature
+
+    images = sorted(str(p) for p in images_with_bad_files.rglob("*_0000*"))  # the demo pictures
+    plain = {r["path"]: r for r in predict(PredictConfig(model=str(model_dir), inputs=images))}
+    # A threshold amid the confidences: the rows below it abstain, the one at it does not.
+    threshold = float(np.median([r["confidence"] for r in plain.values()]))
+    unsure = {path for path, r in plain.items() if r["confidence"] < threshold}
+    assert 0 < len(unsure) < len(plain)
     out = tmp_path / "scores"
-    score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out), batch_size=8),
-          show_progress=False)
+    summary = score(ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out),
+                                batch_size=8, min_confidence=threshold), show_progress=False)
     scored = {r["path"]: r for r in read_scores(str(out)).to_pylist()}
-    some = sorted(scored)[:5]
-    for result in predict(PredictConfig(model=str(model_dir), inputs=some)):
+    assert summary["uncertain"] == summary["labels"]["uncertain"] == len(unsure)
+    for path, r in plain.items():
+        row = scored[path]
+        assert row["label"] == ("uncertain" if path in unsure else r["label"]) and r["label"] in CLASSES
+        assert row["confidence"] == r["confidence"]
+        for c in CLASSES:
+            assert r["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close; written when uncertain
+    errors = sorted(p for p in scored if scored[p]["error"])  # an error, never `uncertain`
+    some = errors[:2] + sorted(unsure)[:2] + sorted(set(plain) - unsure)[:2]
+    assert len(some) == 6
+    for result in predict(PredictConfig(model=str(model_dir), inputs=some, min_confidence=threshold)):
         row = scored[result["path"]]
         assert result["label"] == row["label"] and result["error"] == row["error"]
         for c in CLASSES:
-            assert result["probabilities"][c] == row[f"prob_{c}"]  # identical, not merely close
+            assert result["probabilities"][c] == row[f"prob_{c}"]
+
+    # A run without a stored temperature (older runs) outputs the raw softmax: T = 1.
+    old = tmp_path / "old_run"
+    shutil.copytree(model_dir, old)
+    (old / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE}))
+    for r in predict(PredictConfig(model=str(old), inputs=images[:3])):
+        raw = np.array([[r["probabilities"][c] for c in CLASSES]])
+        calibrated = [plain[r["path"]]["probabilities"][c] for c in CLASSES]
+        np.testing.assert_allclose(calibrated, apply_temperature(raw, TEMPERATURE)[0], rtol=1e-6)
+        assert max(calibrated) < r["confidence"]  # T > 1: softer than the raw softmax
 
 
 def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
     image = str(sorted((images_with_bad_files / "sad").glob("sad_*"))[0])
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", image, "--model", str(model_dir),
-                          "--json"], capture_output=True, text=True, timeout=300)
+                          "--json", "--min-confidence", "1"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     [row] = json.loads(res.stdout)
-    assert row["label"] in CLASSES and set(row["probabilities"]) == set(CLASSES)
+    # Nothing reaches a confidence of 1: the row abstains, its probabilities still there.
+    assert row["label"] == "uncertain" and set(row["probabilities"]) == set(CLASSES)
+    assert row["confidence"] == max(row["probabilities"].values())
+    assert "1 of 1 rows uncertain (top probability below 1)" in res.stderr
 
 
 def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp_path):
@@ -308,6 +373,22 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
             assert predicted[path]["probabilities"][c] == expected  # identical, not merely close
             assert by_path[f"prob_{c}"][i] == expected and by_bytes[f"prob_{c}"][i] == expected
     assert by_path["error"][3].startswith("unreadable") and by_path["label"][3] is None  # a row, not a failure
+
+    # A version, alias or model that is not there, or no store at the URI: one line each (exit 2 from the CLI),
+    # and no empty database left behind.
+    from emotion_ray.errors import ConfigError
+    from emotion_ray.inference import resolve_model
+
+    elsewhere = f"sqlite:///{tmp_path}/elsewhere.db"
+    for model, store, says in (("models:/scorable/9", uri, "models:/scorable/9"),
+                               ("models:/scorable@champion", uri, "champion"),
+                               ("models:/nope/1", uri, "nope"),
+                               ("models:/scorable/1", elsewhere, "no MLflow tracking database at " + elsewhere)):
+        with pytest.raises(ConfigError) as err:
+            resolve_model(model, StorageConfig(), store)
+        assert says in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert not (tmp_path / "elsewhere.db").exists()
+    assert scored[images[0]]["model_id"] == f"models:/scorable/1#sha256={_sha256(export / 'model.keras')[:12]}"
 
     info = mlflow.models.get_model_info("models:/scorable/1")
     assert info.signature.inputs.input_names() == ["path", "image"] and "prob_happy" in info.signature.outputs.input_names()
@@ -414,7 +495,7 @@ def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_sessi
     # A run stopped between a picture's face rows: the re-run scores that picture again, whole.
     import pyarrow.parquet as pq
 
-    [part] = sorted(out.glob("part-*.parquet"))
+    [part] = sorted(out.glob("data/part-*.parquet"))
     table = pq.read_table(part)
     keep = [not (p.endswith("two_people.jpg") and f == 1) for p, f in zip(table["path"].to_pylist(),
                                                                         table["face_index"].to_pylist())]
@@ -461,6 +542,7 @@ def test_a_missing_registered_model_is_one_line_and_exit_2(tmp_path, images_with
     errors = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
     assert len(errors) == 1 and "models:/nope/3" in errors[0] and "empty.db" in errors[0]
     assert "Traceback" not in res.stderr
+    assert not (tmp_path / "empty.db").exists()  # no empty database left behind
 
 
 def test_rerun_retries_transient_errors_and_keeps_permanent_ones(ray_session, model_dir, images_with_bad_files,
@@ -497,3 +579,75 @@ def test_a_model_that_does_not_output_probabilities_or_does_not_match_its_labels
     (wrong / "labels.json").write_text(json.dumps({"classes": ["a", "b"], "image_size": SIZE}))
     with pytest.raises(StageError, match=r"outputs shape \(3,\) but labels.json names 2 classes"):
         predict(PredictConfig(model=str(wrong), inputs=[image]))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_output_remembers_its_model_and_refuses_another_unless_overwritten(
+        ray_session, model_dir, other_model_dir, images_with_bad_files, tmp_path):
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
+    first = score(cfg, show_progress=False)
+    sha_a, sha_b = _sha256(model_dir / "model.keras"), _sha256(other_model_dir / "model.keras")
+    assert first["model"] == {"uri": str(model_dir), "sha256": sha_a}
+    assert json.loads((out / "_emotion_ray_scores").read_text())["model"]["sha256"] == sha_a
+    # The same model from another place is the same model: the output continues.
+    copy = tmp_path / "copy"
+    shutil.copytree(model_dir, copy)
+    assert score(cfg.model_copy(update={"model": str(copy)}), show_progress=False)["scored_now"] == 0
+
+    # Another model stops at once with exit 2, naming both, and leaves the output as it was.
+    before = _tree_hash(out)
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(other_model_dir), "--input",
+                          str(images_with_bad_files), "--output", str(out)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    [error] = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
+    for named in (str(copy), sha_a[:12], str(other_model_dir), sha_b[:12], "--overwrite"):
+        assert named in error, error
+    assert _tree_hash(out) == before
+    # An output from before outputs remembered their model: its rows' model_id tell.
+    marker = json.loads((out / "_emotion_ray_scores").read_text())
+    (out / "_emotion_ray_scores").write_text(json.dumps({k: v for k, v in marker.items() if k != "model"}))
+    other = cfg.model_copy(update={"model": str(other_model_dir)})
+    with pytest.raises(ConfigError, match=f"holds predictions of model {model_dir}/model.keras#sha256={sha_a[:12]}"):
+        score(other, show_progress=False)
+
+    # --overwrite starts over with the new model.
+    again = score(other.model_copy(update={"overwrite": True}), show_progress=False)
+    assert again["scored_now"] == again["rows"] == 18 and again["model"]["sha256"] == sha_b
+    assert {r["model_id"].rsplit("=", 1)[1] for r in read_scores(str(out)).to_pylist()} == {sha_b[:12]}
+    with pytest.raises(ConfigError, match=f"holds predictions of model {other_model_dir} \\(sha256 {sha_b[:12]}"):
+        score(cfg, show_progress=False)
+
+
+@pytest.mark.fast
+def test_part_files_are_large_by_default_and_the_small_ones_are_merged(tmp_path):
+    import pyarrow as pa
+
+    from emotion_ray import outputs
+    from emotion_ray.score import OWNER_MARKER, _merge_small_parts, _PartWriter
+
+    assert ScoreConfig(model="m", inputs=["i"], output="o").rows_per_file == 1_000_000  # ~25 MB of predictions
+    out, data = str(tmp_path / "o"), tmp_path / "o" / "data"
+    cfg = ScoreConfig(model="m", inputs=["i"], output=out, rows_per_file=10)
+    rows = lambda n, start: pa.table({"path": [f"p{i}" for i in range(start, start + n)]})  # noqa: E731
+    with outputs.OutputLock(out, "test", cfg.storage) as lock:
+        outputs.claim_folder(out, OWNER_MARKER, "score")
+        slow = _PartWriter(out, cfg.storage, cfg.rows_per_file, lock, flush_seconds=0.2)
+        slow.add(rows(1, 0))
+        time.sleep(0.3)
+        slow.add(rows(2, 1))  # rows waited past flush_seconds: a part file of 3 rows, not 10
+        assert [pq.read_metadata(p).num_rows for p in data.glob("part-*.parquet")] == [3]
+        writer = _PartWriter(out, cfg.storage, cfg.rows_per_file, lock)
+        for start in range(3, 24, 3):  # seven more of 3 rows, as checkpoints of a slow run write them
+            writer.add(rows(3, start))
+            writer.flush()
+        writer.add(rows(10, 24))  # and a full one
+        _merge_small_parts(cfg, writer)
+    assert sorted(pq.read_metadata(p).num_rows for p in data.glob("part-*.parquet")) == [10, 12, 12]
+    assert sorted(read_scores(out)["path"].to_pylist()) == sorted(f"p{i}" for i in range(34))

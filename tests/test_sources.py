@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zipfile
 
@@ -10,10 +11,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from emotion_ray import storage
 from emotion_ray.config import DecodeLimits, StorageConfig
 from emotion_ray.sources import decode_table, list_images, skip_reason
-
-
 
 
 def jpeg(colour=(10, 200, 30)) -> bytes:
@@ -51,7 +51,49 @@ def test_folders_archives_and_path_lists_share_the_rule(tmp_path):
                                   str(tmp_path / "list.txt")], StorageConfig())
     assert len(paths) == 3 and any(p.startswith("zip://sad/d.jpg::") for p in paths)
     assert any(p.startswith("tar://") and p.split("::")[0].endswith("angry/f.jpg") for p in paths)
-    assert dict(skipped) == {"hidden": 2, "not_an_image_extension": 1}
+    assert skipped.counts() == {"hidden": 2, "not_an_image_extension": 1}
+    assert sorted(skipped.rows) == sorted([(str(tmp_path / "in" / "happy" / ".b.jpg"), "hidden"),
+                                           (str(tmp_path / "in" / "happy" / "c.txt"), "not_an_image_extension"),
+                                           (f"zip://sad/.e.jpg::{tmp_path / 'x.zip'}", "hidden")])
+
+
+@pytest.mark.fast
+def test_names_that_are_not_utf8_are_rows_escaped_losslessly_and_read_by_their_real_name(tmp_path):
+    """A JPEG whose name holds the latin-1 byte 0xF1 between two good files: three rows, the odd
+    name written `%F1` (and a `%` as `%25`), each escaped path leading back to its file's bytes."""
+    folder = os.fsencode(tmp_path / "in")
+    os.makedirs(folder)
+    names = [b"ok_before.jpg", b"ok_after.png", b"espa\xf1a.jpg", b"50%.jpg"]
+    for i, name in enumerate(names):
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(jpeg((40 * i, 90, 200)))
+    paths, skipped = list_images([str(tmp_path / "in")], StorageConfig())
+    assert sorted(p.rsplit("/", 1)[1] for p in paths) == ["50%25.jpg", "espa%F1a.jpg", "ok_after.png",
+                                                         "ok_before.jpg"]
+    assert len(skipped) == 0
+    for path in paths:  # lossless: the text names the real bytes of the name
+        assert os.path.isfile(os.fsencode(storage.unescape(path)))
+        assert storage.escape(storage.unescape(path)) == path
+    rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
+    assert [r["error"] for r in rows] == [None] * 4 and len({r["image"] for r in rows}) == 4
+
+
+@pytest.mark.fast
+def test_tar_members_with_absolute_odd_or_non_utf8_names_are_rows(tmp_path):
+    """GNU tar extracts `/abs/rooted.jpg` as abs/rooted.jpg: it is a row named so (fsspec lists it
+    as ''); `::`, `#`, `?`, `%` and a byte that is not UTF-8 in member names survive the path."""
+    members = {"/abs/rooted.jpg": "abs/rooted.jpg", "odd/a::b.jpg": "odd/a%3A%3Ab.jpg",
+               "odd/50%#?.jpg": "odd/50%25#?.jpg", "odd/espa\udcf1a.jpg": "odd/espa%F1a.jpg"}
+    with tarfile.open(tmp_path / "odd.tar", "w") as tf:
+        for i, name in enumerate(members):
+            data = jpeg((50 * i, 10, 10))
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    paths, skipped = list_images([str(tmp_path / "odd.tar")], StorageConfig())
+    assert paths == sorted(f"tar://{m}::{tmp_path / 'odd.tar'}" for m in members.values()) and len(skipped) == 0
+    rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
+    assert [r["error"] for r in rows] == [None] * 4 and len({r["image"] for r in rows}) == 4
 
 
 @pytest.mark.fast
@@ -90,17 +132,21 @@ def test_member_names_are_data_never_a_filesystem(tmp_path):
     server = http.server.HTTPServer(("127.0.0.1", 0), Stub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     names = ["faces/a::b.jpg", "faces/x::s3://some-bucket/key.jpg", "faces/50%#?.jpg"]
-    with zipfile.ZipFile(tmp_path / "odd.zip", "w") as zf:
+    with zipfile.ZipFile(tmp_path / "odd.zip", "w") as zf, tarfile.open(tmp_path / "odd.tar", "w") as tf:
         for name in names:
             zf.writestr(name, jpeg())
+            info = tarfile.TarInfo(name)
+            info.size = len(jpeg())
+            tf.addfile(info, io.BytesIO(jpeg()))
     store = StorageConfig(s3_endpoint_url=f"http://127.0.0.1:{server.server_address[1]}")
     try:
-        paths, _ = list_images([str(tmp_path / "odd.zip")], store)
+        paths, _ = list_images([str(tmp_path / "odd.zip"), str(tmp_path / "odd.tar")], store)
         rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), store).to_pylist()
     finally:
         server.shutdown()
-    assert len(rows) == 3 and all(r["error"] is None for r in rows), rows
-    assert all(r["path"].endswith(f"::{tmp_path / 'odd.zip'}") and r["path"].count("::") == 1 for r in rows)
+    assert len(rows) == 6 and all(r["error"] is None for r in rows), rows
+    assert all(r["path"].endswith((f"::{tmp_path / 'odd.zip'}", f"::{tmp_path / 'odd.tar'}"))
+               and r["path"].count("::") == 1 for r in rows)
     assert requests == []
 
 
@@ -121,7 +167,6 @@ def test_bombs_are_refused_from_their_declared_size_before_any_byte_is_read(tmp_
     """A 2 GiB sparse file, and a zip and a tar.gz each holding a 512 MiB member: too_large rows,
     and the process's peak memory stays far below any of them."""
     import json
-    import os
     import subprocess
     import sys
 
@@ -161,8 +206,6 @@ def test_bombs_are_refused_from_their_declared_size_before_any_byte_is_read(tmp_
 
 @pytest.mark.fast
 def test_linked_folders_are_followed_once_and_loops_do_not_hang(tmp_path):
-    import os
-
     elsewhere = tmp_path / "elsewhere" / "album"
     elsewhere.mkdir(parents=True)
     for i in range(2):
@@ -176,7 +219,7 @@ def test_linked_folders_are_followed_once_and_loops_do_not_hang(tmp_path):
     paths, skipped = list_images([str(root)], StorageConfig())
     assert sorted(p.split("/in/")[1] for p in paths) == ["happy/album/photo0.jpg", "happy/album/photo1.jpg",
                                                            "happy/own.jpg"]
-    assert dict(skipped) == {}
+    assert len(skipped) == 0
 
 
 @pytest.mark.fast
@@ -188,7 +231,7 @@ def test_path_lists_with_bom_crlf_relative_lines_and_bad_bytes(tmp_path):
     (tmp_path / "lists" / "todo.txt").write_bytes(body)
     paths, skipped = list_images([str(tmp_path / "lists" / "todo.txt")], StorageConfig())
     assert paths == sorted([str(tmp_path / "b.jpg"), str(tmp_path / "lists" / "imgs" / "a.jpg")])
-    assert dict(skipped) == {"undecodable_list_line": 1}
+    assert skipped.rows == [(str(tmp_path / "lists" / "bad%F1name.jpg"), "undecodable_list_line")]
     rows = decode_table(pa.table({"path": paths}), 8, DecodeLimits(), StorageConfig()).to_pylist()
     assert [r["error"] for r in rows] == [None, None]
 

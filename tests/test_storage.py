@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from emotion_ray import storage
@@ -30,3 +32,23 @@ def test_join_and_strip_keep_the_users_form(tmp_path):
     assert storage.strip_scheme("s3://b/p/") == "b/p"
     assert storage.strip_scheme(str(tmp_path / "a" / ".." / "b")) == str(tmp_path / "b")
     assert storage.is_s3("s3a://b/k") and not storage.is_s3("/s3/b")
+
+
+@pytest.mark.parametrize("raw, text", [
+    (b"/data/ok_before.jpg", "/data/ok_before.jpg"), (b"/data/espa\xf1a.jpg", "/data/espa%F1a.jpg"),
+    ("/data/espa\u00f1a.jpg".encode(), "/data/espa\u00f1a.jpg"), (b"/data/50%.jpg", "/data/50%25.jpg"),
+    (b"/d/%F1.jpg", "/d/%25F1.jpg"), (b"/d/\xc3\xb1\xff\xc3.png", "/d/\u00f1%FF%C3.png"), (b"/d/a:b.jpg", "/d/a:b.jpg"),
+])
+def test_the_path_escape_is_lossless_and_leaves_plain_names_alone(raw, text):
+    name = os.fsdecode(raw)  # Python's form of the name, as os.walk gives it
+    assert storage.escape(name) == text
+    assert os.fsencode(storage.unescape(text)) == raw
+
+
+def test_member_uris_escape_the_member_and_the_archive():
+    archive = os.fsdecode(b"/data/\xf1/photos.tar")
+    uri = storage.member_uri(archive, "/a::b%.jpg")
+    assert uri == "tar://a%3A%3Ab%25.jpg::/data/%F1/photos.tar"
+    escaped_archive, member = storage.split_member_uri(uri)
+    assert (storage.unescape(escaped_archive), storage.unescape(member)) == (archive, "a::b%.jpg")
+    assert storage.as_listed(uri) == uri and storage.as_listed("/x/50%.jpg") == "/x/50%25.jpg"

@@ -54,17 +54,28 @@ def test_two_workers_beat_chance_on_the_test_split(trained):
 def test_run_directory_holds_everything(trained):
     result, run_dir, _ = trained
     for name in ("model.keras", "labels.json", "config.yaml", "history.csv", "metrics.json",
-                 "loss.png", "accuracy.png", "confusion_matrix.png"):
+                 "loss.png", "accuracy.png", "confusion_matrix.png", "reliability.png"):
         assert (run_dir / name).stat().st_size > 0, name
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, result["epochs_run"] + 1))
     for col in ("loss", "val_loss", "categorical_accuracy", "val_categorical_accuracy", "precision", "recall",
                 "val_precision", "val_recall"):
         assert col in history
+    # The worker's CPU seconds per epoch: positive, and at most its cores' worth of the wall time.
+    assert (history["epoch_cpu_seconds"] > 0).all()
+    assert (history["epoch_cpu_seconds"] <= history["epoch_seconds"] * os.cpu_count() + 0.5).all()
     # The saved model is the best epoch's: lowest val_loss.
     assert result["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
-    assert json.loads((run_dir / "labels.json").read_text())["classes"] == ["angry", "happy", "sad"]
-    assert json.loads((run_dir / "metrics.json").read_text())["categorical_accuracy"] == result["categorical_accuracy"]
+    labels = json.loads((run_dir / "labels.json").read_text())
+    assert labels["classes"] == ["angry", "happy", "sad"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["categorical_accuracy"] == result["categorical_accuracy"]
+    # Calibration: T fitted on val, stored where the Predictor reads it, ECE on test before and after.
+    assert labels["temperature"] == metrics["temperature"] > 0
+    assert 0 <= metrics["ece_before"] <= 1 and 0 <= metrics["ece_after"] <= 1
+    calibration = metrics["calibration"]
+    assert calibration["val_rows"] > 10 and calibration["val_nll_after"] <= calibration["val_nll_before"] + 1e-9
+    assert sum(calibration["reliability_after"]["count"]) == result["test_rows"]
 
 
 def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo):
@@ -95,9 +106,53 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert len(val_loss) == result["epochs_run"]
     assert run.data.metrics["test_categorical_accuracy"] == pytest.approx(result["categorical_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png"} <= artifacts
+    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png", "reliability.png"} <= artifacts
+    assert run.data.metrics["test_ece_after"] == pytest.approx(result["ece_after"])
     assert result["registered_model"] == "models:/test_emotion/1"
     assert client.get_model_version("test_emotion", "1").status == "READY"
+
+
+def test_mlflow_run_says_where_it_came_from_what_it_trained_on_and_describes_its_model(trained, prepared_demo):
+    """What an MLflow user looks for: source and commit, a description, the dataset input, the
+    registered model's description and tags, and an experiment the UI opens on its runs."""
+    import hashlib
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    import emotion_ray
+
+    result, _, uri = trained
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(result["mlflow_run_id"])
+    tags = run.data.tags
+    commit = subprocess.run(["git", "-C", os.path.dirname(emotion_ray.__file__), "rev-parse", "HEAD"],
+                            capture_output=True, text=True).stdout.strip()
+    assert tags.get("mlflow.source.git.commit") == (commit or None) and tags["mlflow.source.name"]
+    accuracy = f"accuracy {result['categorical_accuracy']:.3f}"
+    note = tags["mlflow.note.content"]
+    assert "`seed_cnn`" in note and "angry, happy, sad at 48x48" in note and str(prepared_demo) in note
+    assert accuracy in note and "models:/test_emotion/1" in note
+
+    manifest = json.loads((prepared_demo / "manifest.json").read_text())
+    sha = hashlib.sha256((prepared_demo / "manifest.json").read_bytes()).hexdigest()
+    [used] = run.inputs.dataset_inputs
+    assert (used.dataset.name, used.dataset.digest) == (prepared_demo.name, sha[:12])
+    assert json.loads(used.dataset.source)["uri"] == str(prepared_demo)
+    profile = json.loads(used.dataset.profile)
+    assert profile["split_rows"] == manifest["split_rows"] and profile["counts"] == manifest["counts"]
+    assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
+    assert tags["emotion_ray.dataset_manifest_sha256"] == sha
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    version = client.get_model_version("test_emotion", "1")
+    for text in ("angry, happy, sad", "48x48", "`image` column", "`path` column", "`prob_happy`", accuracy, sha[:12]):
+        assert text in version.description, text
+    assert version.tags["image_size"] == "48" and version.tags["dataset_manifest_sha256"] == sha
+    assert float(version.tags["test_categorical_accuracy"]) == pytest.approx(result["categorical_accuracy"], abs=1e-4)
+    model = client.get_registered_model("test_emotion")
+    assert model.description.startswith(version.description)
+    assert model.tags["classes"] == "angry,happy,sad" and model.tags["task"] == "image-classification"
 
 
 def _registered_checkpoints(run_dir: Path) -> list:
@@ -117,7 +172,7 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(ray_session, prepared_demo, tmp_path):
-    cfg = train_config(prepared_demo, tmp_path, run_name="fault", epochs=8, early_stopping_patience=20,
+    cfg = train_config(prepared_demo, tmp_path, run_name="fault", epochs=5, early_stopping_patience=20,
                        max_failures=2)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(run_training, cfg)
@@ -134,35 +189,39 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(ray_se
         result = future.result(timeout=900)
     starts = result["training_starts"]
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 1, starts  # resumed, not restarted
-    assert result["epochs_run"] == 8
+    assert result["epochs_run"] == 5
     history = pd.read_csv(tmp_path / "fault" / "history.csv")
-    assert list(history["epoch"]) == list(range(1, 9))
+    assert list(history["epoch"]) == list(range(1, 6))
 
 
-def test_resume_continues_a_stopped_run(ray_session, prepared_demo, tmp_path):
-    first = run_training(train_config(prepared_demo, tmp_path, run_name="r", epochs=2, early_stopping_patience=10))
-    assert first["epochs_run"] == 2
-    with pytest.raises(ConfigError, match="--resume"):
-        run_training(train_config(prepared_demo, tmp_path, run_name="r", epochs=4))
-    resumed = run_training(train_config(prepared_demo, tmp_path, run_name="r", epochs=4, resume=True,
-                                        early_stopping_patience=10))
-    assert resumed["training_starts"] == [0, 2]
-    assert list(pd.read_csv(tmp_path / "r" / "history.csv")["epoch"]) == [1, 2, 3, 4]
-    # Resuming a run that had already finished trains nothing and reports its last epoch again.
-    again = run_training(train_config(prepared_demo, tmp_path, run_name="r", epochs=4, resume=True,
-                                      early_stopping_patience=10))
-    assert again["epochs_run"] == 4 and again["training_starts"] == [0, 2]  # the same checkpoint
-    assert again["categorical_accuracy"] == resumed["categorical_accuracy"]
-
-
-def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path):
+@pytest.mark.parametrize("backbone", [False, True], ids=["seed_cnn", "mobilenet_v3_small_from_a_file"])
+def test_training_prepares_an_image_folder_on_the_fly(ray_session, tmp_path, backbone):
+    """And with a pretrained backbone, on 2 workers: the weights file the driver read reaches every
+    worker, and with freeze_epochs the backbone (the reused part) comes out exactly as it went in."""
     from emotion_ray.demo import make_demo_dataset
 
     images = make_demo_dataset(tmp_path / "imgs", per_class=15, seed=4, canvas=48) and tmp_path / "imgs"
-    result = run_training(TrainConfig(data=str(images), output=str(tmp_path / "runs"), run_name="fly", workers=1,
-                                      epochs=1, batch_size=8, image_size=32, mlflow={"enabled": False}))
+    extra, source = {}, None
+    if backbone:
+        from emotion_ray.model import keras
+
+        source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
+        source.save_weights(str(tmp_path / "v3.h5"))
+        extra = {"workers": 2, "model": {"architecture": "mobilenet_v3_small", "grey": True, "freeze_epochs": 1,
+                                         "backbone_weights": str(tmp_path / "v3.h5")}}
+    result = run_training(TrainConfig(**{"data": str(images), "output": str(tmp_path / "runs"), "run_name": "fly",
+                                         "workers": 1, "epochs": 1, "batch_size": 8, "image_size": 32,
+                                         "mlflow": {"enabled": False}, **extra}))
     assert (Path(result["run_dir"]) / "dataset" / "manifest.json").exists()
     assert (Path(result["run_dir"]) / "model.keras").exists()
+    if backbone:
+        from emotion_ray.model import load_model
+
+        saved = load_model(str(Path(result["run_dir"]) / "model.keras"))
+        trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
+        assert len(trained.weights) == len(source.weights) > 100
+        for a, b in zip(source.get_weights(), trained.get_weights()):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_gpu_workers_train_and_evaluate(prepared_demo, tmp_path):
@@ -194,7 +253,8 @@ def test_worker_cpu_reservation(cluster_cpus, workers, use_gpu, groups, reserved
 
 def test_init_from_reuses_a_run_for_other_classes_on_two_workers_and_resumes(trained, demo_images, tmp_path):
     """Transfer learning: the trained run's layers and its sad/happy classifier rows, frozen for an
-    epoch, then fine-tuned; stopped and resumed across the switch."""
+    epoch, then fine-tuned; stopped and resumed across the switch (the resume test for every run:
+    a stopped run continues where it stopped, a finished one trains nothing)."""
     from emotion_ray.config import PrepareConfig
     from emotion_ray.prepare import prepare
 
@@ -207,10 +267,18 @@ def test_init_from_reuses_a_run_for_other_classes_on_two_workers_and_resumes(tra
     history = pd.read_csv(tmp_path / "runs" / "child" / "history.csv")
     # The first epoch trains the classifier alone, yet starts from what the parent knows.
     assert history["val_categorical_accuracy"][0] >= 0.7, history
+    with pytest.raises(ConfigError, match="--resume"):  # a run name is never silently overwritten
+        run_training(train_config(subset, tmp_path / "runs", run_name="child", epochs=4, model=model))
     resumed = run_training(train_config(subset, tmp_path / "runs", run_name="child", epochs=4, model=model,
                                         resume=True, early_stopping_patience=10))
     assert first["epochs_run"] == 2 and resumed["training_starts"] == [0, 2] and resumed["epochs_run"] == 4
     assert resumed["categorical_accuracy"] >= 0.7 and set(resumed["per_class"]) == {"sad", "happy"}
+    assert list(pd.read_csv(tmp_path / "runs" / "child" / "history.csv")["epoch"]) == [1, 2, 3, 4]
+    # Resuming a run that had already finished trains nothing and reports its last epoch again.
+    again = run_training(train_config(subset, tmp_path / "runs", run_name="child", epochs=4, model=model,
+                                      resume=True, early_stopping_patience=10))
+    assert again["epochs_run"] == 4 and again["training_starts"] == [0, 2]  # the same checkpoint
+    assert again["categorical_accuracy"] == resumed["categorical_accuracy"]
     labels = json.loads((tmp_path / "runs" / "child" / "labels.json").read_text())
     assert labels["classes"] == ["sad", "happy"]
 

@@ -20,9 +20,47 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 
 
+@pytest.mark.fast
 def test_shipped_configs_validate():
-    for path in (ROOT / "tune_configs").glob("*.yaml"):
+    paths = sorted((ROOT / "tune_configs").glob("*.yaml"))
+    assert {"smoke.yaml", "overnight.yaml", "face_recipe_overnight.yaml"} <= {p.name for p in paths}
+    for path in paths:
         load_tune_config(str(path))
+
+
+@pytest.mark.fast
+def test_backbone_weights_are_read_once_per_architecture_before_any_trial(tmp_path):
+    from emotion_ray.backbones import HDF5_MAGIC
+    from emotion_ray.tune import backbone_weights, model_variants
+
+    (tmp_path / "v3.h5").write_bytes(HDF5_MAGIC + b"v3")
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["model.backbone_weights"] = str(tmp_path / "v3.h5")
+    raw["space"]["model.architecture"] = {"choice": ["face_cnn", "mobilenet_v3_small"]}
+    raw["space"]["model.init_from"] = {"choice": [None, "runs/parent"]}
+    cfg = load_tune_config_dict(raw)
+    assert len(model_variants(cfg)) == 4
+    # Only the variant that builds a backbone from the file needs it (init_from reuses a model).
+    assert backbone_weights(cfg) == {("mobilenet_v3_small", str(tmp_path / "v3.h5")): HDF5_MAGIC + b"v3"}
+    raw["base"]["model.backbone_weights"] = str(tmp_path / "missing.h5")
+    with pytest.raises(ConfigError, match="no file at"):
+        backbone_weights(load_tune_config_dict(raw))
+
+
+@pytest.mark.fast
+def test_sampled_values_never_leak_into_a_base_section():
+    raw = yaml.safe_load(SMOKE.read_text())
+    raw["base"]["model"] = {"dropout": 0.1, "architecture": "face_cnn"}
+    raw["space"] = {"model.dropout": {"choice": [0.3, 0.4]}}
+    cfg = load_tune_config_dict(raw)  # validation builds a train config per example value
+    assert cfg.base["model"] == {"dropout": 0.1, "architecture": "face_cnn"}
+    assert cfg.train_config({}).model.dropout == 0.1 and cfg.train_config({"model.dropout": 0.3}).model.dropout == 0.3
+
+
+def load_tune_config_dict(raw: dict):
+    from emotion_ray.config import TuneConfig, build_config
+
+    return build_config(TuneConfig, raw)
 
 
 @pytest.mark.parametrize(
@@ -95,10 +133,7 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     best = load_config(TrainConfig, str(experiment / "best_train_config.yaml"))
     assert best.cpus_per_worker is None  # sized by `train` for its own cluster
     assert best.learning_rate == pytest.approx(trials.loc[0, "config.learning_rate"])
-    from emotion_ray.train import run_training
-
-    result = run_training(best.model_copy(update={"epochs": 1, "run_name": "from_best", "mlflow": best.mlflow.model_copy(update={"enabled": False})}))
-    assert (Path(result["run_dir"]) / "model.keras").exists()
+    assert best.data == str(prepared_demo) and best.model.dense_units == trials.loc[0, "config.model.dense_units"]
 
     from mlflow.tracking import MlflowClient
 
@@ -108,6 +143,11 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     parent = [r for r in runs if r.info.run_name == "tune_smoke"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
     assert len(parent) == 1 and len(children) == 3
+    # Every run names the driver's command and the dataset it trained on; each trial is described.
+    assert {r.data.tags["mlflow.source.name"] for r in parent + children} == {"cli.py tune"}
+    assert {r.inputs.dataset_inputs[0].dataset.digest for r in parent + children} == \
+        {parent[0].data.tags["emotion_ray.dataset_manifest_sha256"][:12]}
+    assert all("training run `trial_" in r.data.tags["mlflow.note.content"] for r in children)
     assert client.get_latest_versions("emotion_cnn_tuned")
 
 
