@@ -2,6 +2,8 @@
 
 Flags are shortcuts for config keys; `--config FILE.yaml` and `--set key=value` reach every
 key. Precedence: defaults < YAML < --set < flags. Exit codes: 0 ok, 2 bad config or input.
+Quiet by default (console.py): Ray's and TensorFlow's messages go to a log file, the screen
+keeps a bar and a short summary; `--verbose` shows everything, `--json` prints the summary as JSON.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import Any, Callable
 
+from emotion_ray import console, summary
 from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import PredictConfig, PrepareConfig, ScoreConfig, TrainConfig, load_config, parse_override
 from emotion_ray.errors import EmotionRayError
@@ -79,6 +83,18 @@ def _add_flags(parser: argparse.ArgumentParser, flags: list[Flag]) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     for flag, key, kwargs in flags:
         parser.add_argument(flag, dest=key, default=None, **kwargs)
+    _add_screen_flags(parser)
+
+
+def _add_screen_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and TensorFlow's messages here instead "
+                        "of in the log file")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON (on stdout)")
+
+
+def _report(args: argparse.Namespace, result: Any, human: Callable[[Any], str]) -> None:
+    """The stage's summary on the terminal's stdout: JSON with --json, else for a person."""
+    print(json.dumps(result, indent=2, default=str) if args.json else human(result), file=console.out())
 
 
 def _config_from_args(model, args: argparse.Namespace, flags: list[Flag], positional: tuple[str, ...] = ()):
@@ -101,7 +117,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from emotion_ray.prepare import prepare
 
     manifest = prepare(cfg)
-    print(format_prepare_summary(cfg.output, manifest))
+    _report(args, {"output": cfg.output, **manifest}, lambda m: format_prepare_summary(cfg.output, m))
     return 0
 
 
@@ -128,6 +144,7 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
                      f"{m['faces']['pictures_by_faces']}")
     if m.get("small_classes"):
         lines.append(f"  warning: few images in {m['small_classes']}: test figures for them will be noise")
+    lines.append(f"  use with     emotion-ray train --data {output}  (or pandas.read_parquet(\"{output}/split=train\"))")
     return "\n".join(lines)
 
 
@@ -136,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from emotion_ray.train import run_training
 
     result = run_training(cfg)
-    print(json.dumps(result, indent=2))
+    _report(args, result, lambda r: summary.train_text(r, cfg))
     return 0
 
 
@@ -144,8 +161,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from_args(ScoreConfig, args, SCORE_FLAGS)
     from emotion_ray.score import score
 
-    summary = score(cfg)
-    print(json.dumps(summary, indent=2))
+    _report(args, score(cfg), summary.score_text)
     return 0
 
 
@@ -154,20 +170,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from emotion_ray.inference import predict
 
     results = predict(cfg)
+    out = console.out()
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2), file=out)
     else:
         for r in results:
             where = f"{r['path']} face {r['face']['index']} at {r['face']['box']}" if r.get("face") else r["path"]
             if r["error"]:
-                print(f"{where}: ERROR {r['error']}")
+                print(f"{where}: ERROR {r['error']}", file=out)
             else:
                 probs = "  ".join(f"{k}={v:.3f}" for k, v in r["probabilities"].items())
-                print(f"{where}: {r['label']} ({r['confidence']:.3f})  {probs}")
+                print(f"{where}: {r['label']} ({r['confidence']:.3f})  {probs}", file=out)
     if cfg.min_confidence is not None:
         unsure = sum(r["label"] == UNCERTAIN for r in results)
         print(f"{unsure} of {len(results)} rows {UNCERTAIN} (top probability below {cfg.min_confidence:g})",
-              file=sys.stderr if args.json else sys.stdout)
+              file=sys.stderr if args.json else out)
     if args.annotate:
         from emotion_ray.annotate import annotate
 
@@ -175,7 +192,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             stem = os.path.splitext(os.path.basename(path.split("::")[0] if path.startswith(("zip:", "tar:")) else path))[0]
             out = annotate(path, [r for r in results if r["path"] == path],
                            os.path.join(args.annotate, f"{stem}.annotated.png"), cfg.storage)
-            print(f"annotated: {out}", file=sys.stderr)
+            print(f"annotated: {out}", file=console.err())
     return 0 if all(r["error"] is None for r in results) else 1
 
 
@@ -183,8 +200,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from emotion_ray.tune import run_tuning
 
     overrides = dict(parse_override(item) for item in args.set)
-    summary = run_tuning(args.config, overrides)
-    print(json.dumps(summary, indent=2, default=str))
+    _report(args, run_tuning(args.config, overrides), summary.tune_text)
     return 0
 
 
@@ -210,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tune", help="hyperparameter search from tune_configs/*.yaml")
     p.add_argument("--config", required=True, help="e.g. tune_configs/smoke.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key of the YAML")
+    _add_screen_flags(p)
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("score", help="batch inference over folders/prefixes/archives -> Parquet")
@@ -219,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict a few images (same code path as score)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE")
     _add_flags(p, PREDICT_FLAGS)
-    p.add_argument("--json", action="store_true")
     p.add_argument("--annotate", metavar="FOLDER", help="write each picture with its faces boxed and labelled "
                    "(PNG) into FOLDER")
     p.set_defaults(func=cmd_predict)
@@ -233,10 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
+        if not hasattr(args, "verbose"):  # demo-data: no Ray, nothing to quieten
+            return handler(args)
+        with console.session(args.command, verbose=args.verbose):
+            return handler(args)
     except EmotionRayError as exc:
         print(f"emotion-ray {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception:  # a bug: its traceback, and where the rest of the story is
+        traceback.print_exc()
+        log = console.last_log()
+        print(f"emotion-ray {args.command}: failed unexpectedly" + (f"; Ray's and TensorFlow's messages are in {log}"
+                                                                   if log else ""), file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

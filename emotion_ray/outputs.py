@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 # owned names are then only those matching the caller's well-known patterns.
 
 LOCK_NAME = "_emotion_ray_lock.json"  # OutputLock's file; never listed, never counted as content
+LOG_PREFIX = "_emotion_ray_log"  # the CLI's log files (console.py): never listed, never content, never deleted
 # The sub-folder of an output that holds its Parquet files and nothing else (as an Iceberg table's
 # data/): point pandas, polars, DuckDB ('data/*') or pyarrow.dataset at it and they read only
 # Parquet. Markers, summaries and manifests stay beside it, in the output folder.
@@ -56,8 +57,9 @@ _OWNERSHIP_KEYS = ("written_by", "note", "owner", "written")  # a marker's other
 
 
 def _is_lock_name(name: str) -> bool:
-    """The lock file and its short-lived helpers (temp, mutex, probe) all start with LOCK_NAME."""
-    return name.startswith(LOCK_NAME)
+    """The lock file and its short-lived helpers (temp, mutex, probe) all start with LOCK_NAME;
+    the run logs are treated alike."""
+    return name.startswith((LOCK_NAME, LOG_PREFIX))
 
 
 def _comparable(uri: str) -> tuple[str, str]:

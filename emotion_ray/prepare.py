@@ -33,7 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import __version__, groups, outputs, sources, storage
+from emotion_ray import __version__, console, groups, outputs, sources, storage
 from emotion_ray.config import PrepareConfig
 from emotion_ray.dataset import MANIFEST, SPLITS
 from emotion_ray.errors import ConfigError
@@ -136,18 +136,22 @@ def split_of(content_hash: str, fractions: dict[str, float]) -> str:
     return SPLITS[-1] if fractions[SPLITS[-1]] > 0 else "train"  # float rounding at the top edge
 
 
-def decode_rows(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
+def decode_rows(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
     """Ray Data UDF: decode listed files (sources.decode_table: faces too, when on), with the
-    sha256 of their bytes and, for near-duplicate grouping, their picture's pHash."""
-    return sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True,
-                                hash_files=True,  # splits and duplicates come from the bytes' hash
-                                perceptual_hash=cfg.near_duplicate_distance > 0)
+    sha256 of their bytes and, for near-duplicate grouping, their picture's pHash; counts the
+    files into `progress` (a console.Tally handle) when given."""
+    decoded = sources.decode_table(batch, cfg.image_size, cfg.decode_limits(), cfg.storage, cfg.faces, one_thread=True,
+                                   hash_files=True,  # splits and duplicates come from the bytes' hash
+                                   perceptual_hash=cfg.near_duplicate_distance > 0)
+    if progress is not None:
+        progress.add.remote(batch.num_rows)
+    return decoded
 
 
-def decode_and_split(batch: pa.Table, cfg: PrepareConfig) -> pa.Table:
+def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
     """Ray Data UDF without grouping: decode_rows, then each row's split from its own sha256
     (or `rejected`), in shard column order."""
-    return with_split(decode_rows(batch, cfg), cfg.splits)
+    return with_split(decode_rows(batch, cfg, progress), cfg.splits)
 
 
 def with_split(batch: pa.Table, fractions: dict[str, float], plan=None) -> pa.Table:
@@ -306,9 +310,11 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"prepare --output {cfg.output}", cfg.storage) as lock:
         _claim_output(cfg)
+        console.keep_log_in(cfg.output)  # ours now: the CLI's log moves in
         runtime.init_ray()
         sources.check_decode_fits(DECODE_BATCH, cfg.image_size, cfg.faces, runtime.node_capacities())
-        manifest = _write_dataset(cfg, listing, keys)
+        with console.remote_progress(len(listing.files), "decoding", "file") as progress:
+            manifest = _write_dataset(cfg, listing, keys, progress)
         lock.check()  # still ours: another run did not take the output over while this one stalled
         storage.write_json_atomic(storage.join(cfg.output, MANIFEST), manifest, cfg.storage)
     return manifest
@@ -330,8 +336,9 @@ def read_group_file(cfg: PrepareConfig) -> dict[str, str] | None:
         raise ConfigError(str(exc)) from None
 
 
-def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys) -> dict[str, Any]:
-    """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write."""
+def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys, progress=None) -> dict[str, Any]:
+    """Decode, split and shard every listed file into `cfg.output`; returns the manifest to write.
+    `progress`: a console.Tally handle the decode tasks count files into, or None."""
     import ray
 
     # Shards in folder order would hold one class each; training streams shards with only a
@@ -339,7 +346,8 @@ def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys) 
     random.Random(0).shuffle(listing.files)
     ds = sources.listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
     decode = dict(batch_format="pyarrow", batch_size=DECODE_BATCH,
-                  fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]})},  # the listing travels as data
+                  fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]}),  # the listing travels as data
+                             "progress": progress},
                   memory=sources.decode_task_memory(DECODE_BATCH, cfg.image_size, cfg.faces))
     if cfg.grouping:
         decoded = ds.map_batches(decode_rows, **decode).materialize()

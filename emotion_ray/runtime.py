@@ -77,9 +77,22 @@ def init_ray(address: str | None = None) -> None:
     ray.init(
         address=address,
         runtime_env={"env_vars": env_vars} if env_vars else None,
+        # Workers' lines come to the driver's stderr: the CLI's log file unless --verbose (console.py).
         log_to_driver=True,
         logging_level="WARNING",
     )
+    quiet_ray_data()
+
+
+def quiet_ray_data() -> None:
+    """Switch Ray Data's own progress bars off: the stages draw one bar each (console.py).
+
+    Ray 2.60: `enable_progress_bars` on the driver's DataContext (copied into every dataset
+    built after it) turns off the per-operator tqdm bars and, when stdout is not a terminal,
+    their periodic "Total Progress" log lines. It logs one warning saying so, into the log."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def train_worker_runtime_env() -> dict[str, Any]:

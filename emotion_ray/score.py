@@ -32,7 +32,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import outputs, runtime, sources, storage
+from emotion_ray import console, outputs, runtime, sources, storage
 from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
@@ -271,10 +271,10 @@ def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
 def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, bundle, lock: outputs.OutputLock,
                   show_progress: bool) -> dict[str, Any]:
     import ray
-    from tqdm import tqdm
 
     model = model_identity(cfg, bundle)
     _claim_output(cfg, model)
+    console.keep_log_in(cfg.output)  # ours now: the CLI's log moves in
     faces = bundle.face_config(cfg.faces)
     writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock, cfg.flush_seconds)
     repaired = _repair_rows(cfg, writer)
@@ -316,7 +316,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
             # (Ray Data then starts decoding once the initial predictors are up.)
             runtime.bound_actor_wait(ds, cfg.gpu_wait_seconds)
         try:
-            with tqdm(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
+            with console.progress(total=len(todo), desc="scoring", unit="img", disable=not show_progress) as bar:
                 for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                     if first_batch_s is None:
                         # With faces a picture has several rows: rates are pictures per second.

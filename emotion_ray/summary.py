@@ -1,10 +1,79 @@
-"""`python -m emotion_ray.summary DEMO_DIR`: what `make demo` produced and where to look."""
+"""Summaries for a person: each stage's last lines on the terminal (the CLI prints them, or
+their JSON with --json), and `python -m emotion_ray.summary DEMO_DIR`, what `make demo`
+produced and where to look."""
 
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items()) or "none"
+
+
+def score_text(s: dict[str, Any]) -> str:
+    """score's summary (its _SUCCESS.json) in a few lines."""
+    if s["scored_now"]:
+        rate, steady, start = s["images_per_second"], s["steady_images_per_second"], s["first_batch_seconds"]
+        after = (f"; {steady:g} img/s after {start:.1f} s of start-up" if steady is not None  # needs 2+ batches
+                 else f", {start:.1f} s of it start-up" if start is not None else "")
+        head = f"scored {s['scored_now']} images in {s['seconds']:.1f} s ({rate:g} img/s{after})"
+        if s["already_scored"]:
+            head += f"; {s['already_scored']} were already scored"
+    else:
+        head = f"nothing new to score: all {s['already_scored']} images were already scored"
+    lines = [head, f"  labels       {_counts(s['labels'])}",
+             f"  errors       {_counts(s['errors'])}" + ("  (rows whose `error` says why)" if s["errors"] else "")]
+    if s["skipped_inputs"]:
+        lines.append(f"  skipped      {_counts(s['skipped_inputs'])}")
+    repaired = {"duplicate rows dropped": s["duplicate_rows_dropped"],
+                "pictures rescored": s["incomplete_pictures_rescored"], "errors retried": s["errors_retried"]}
+    if any(repaired.values()):
+        lines.append(f"  repaired     {_counts({k: v for k, v in repaired.items() if v})}")
+    rows = f"{s['rows']} rows" + (f" for {s['pictures']} pictures" if s["pictures"] != s["rows"] else "")
+    lines += [f"  predictions  {s['output']}  (Parquet: {rows}; model {s['model_id']})",
+              f"  read with    pandas.read_parquet(\"{s['output']}\")"]
+    return "\n".join(lines)
+
+
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """How to look at a tracking store: the UI command for a database, else its address."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+
+
+def train_text(r: dict[str, Any], cfg) -> str:
+    """train's summary (run_training's result) in a few lines; `cfg` is the TrainConfig."""
+    epochs = f"{r['epochs_run']} epoch" + ("s" if r["epochs_run"] != 1 else "")
+    lines = [f"trained {r['run_dir']}: {epochs}, the best (epoch {r['best_epoch']}) saved",
+             f"  test         accuracy {r['categorical_accuracy']:.3f}, macro precision {r['macro_precision']:.3f}, "
+             f"macro recall {r['macro_recall']:.3f} on {r['test_rows']} images",
+             f"  run          {r['run_dir']}: model.keras, labels.json, metrics.json, history.csv, "
+             "loss.png, accuracy.png, confusion_matrix.png"]
+    if r.get("mlflow_run_id"):
+        registered = f", registered as {r['registered_model']}" if r.get("registered_model") else ""
+        lines += [f"  MLflow       run {r['mlflow_run_id']}{registered}",
+                  f"  open with    {mlflow_ui_command(cfg.mlflow.tracking_uri)}"]
+    return "\n".join(lines)
+
+
+def tune_text(t: dict[str, Any]) -> str:
+    """tune's summary (run_tuning's result) in a few lines."""
+    metric = next(k for k in t if k.startswith("best_") and k not in (
+        "best_trial", "best_config", "best_train_config", "best_model", "best_test_accuracy"))
+    config = ", ".join(f"{k}={v}" for k, v in t["best_config"].items())
+    lines = [f"tuned {t['trials']} trials: best {t['best_trial']} ({metric[5:]} {t[metric]:.4g}, "
+             f"test accuracy {t['best_test_accuracy']:.3f})",
+             f"  best config  {config}",
+             f"  trials       {t['experiment']}/trials.csv (and .parquet), ranked",
+             f"  best model   {t['best_model']}" + (f" (registered as {t['registered_model']})"
+                                                    if t.get("registered_model") else ""),
+             f"  train it     emotion-ray train --config {t['best_train_config']}"]
+    return "\n".join(lines)
 
 
 def main(demo_dir: str) -> int:

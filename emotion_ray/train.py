@@ -12,7 +12,7 @@ import datetime as dt
 import os
 from typing import Any
 
-from emotion_ray import storage
+from emotion_ray import console, outputs, storage
 from emotion_ray.config import PrepareConfig, TrainConfig
 from emotion_ray.errors import ConfigError
 from emotion_ray.runtime import init_ray, train_worker_runtime_env
@@ -111,10 +111,12 @@ def build_trainer(
     mlflow_run_id: str | None = None,
     callbacks: list | None = None,
     backbone_weights: bytes | None = None,
+    progress=None,
 ):
     """The TensorflowTrainer for one training run; tune.py builds its trials with this too.
     `backbone_weights`: backbones.resolve_weights(cfg.model) as the caller read it once (read here
-    when not given); every worker gets these bytes, none reads or downloads the file itself."""
+    when not given); every worker gets these bytes, none reads or downloads the file itself.
+    `progress`: a console.Tally handle the chief reports each epoch to, or None."""
     import ray.train
     from ray.train.tensorflow import TensorflowTrainer
 
@@ -142,6 +144,7 @@ def build_trainer(
             "backbone_weights": backbone_weights,
             "steps_per_epoch": -(-manifest["split_rows"]["train"] // cfg.batch_size),
             "train_counts": manifest["counts"]["train"],
+            "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
@@ -166,21 +169,22 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
     """Train, evaluate, export and track one run; returns its summary (metrics.json's figures,
     run_dir, mlflow_run_id). `mlflow_parent_run_id` hangs the MLflow run under another."""
     from emotion_ray import tracking
+    from emotion_ray.backbones import resolve_weights
     from emotion_ray.evaluate import export_run
 
     run_name = cfg.run_name or "run_" + dt.datetime.now().strftime("%Y%m%d_%H%M%S")
     run_dir = storage.join(cfg.output, run_name)
-    exists = storage.exists(run_dir, cfg.storage)
+    # A run directory holding only the CLI's log is a run that stopped before it started.
+    exists = any(not name.startswith(outputs.LOG_PREFIX) for name in storage.listdir_names(run_dir, cfg.storage))
     if exists and not cfg.resume:
         raise ConfigError(f"run {run_dir} already exists; pass --resume to continue it, or choose a new --run-name")
     if cfg.resume and not exists:
         raise ConfigError(f"cannot resume: no run at {run_dir}")
-    from emotion_ray.backbones import resolve_weights
-
     backbone_weights = resolve_weights(cfg.model, cfg.storage)  # read (or downloaded) once, here
     init_ray()
     dataset_uri, manifest = resolve_dataset(cfg, run_dir)
     check_model_fits(cfg, manifest)
+    console.keep_log_in(run_dir)  # the run can start: its folder gets the CLI's log
 
     mlflow_run_id = None
     if cfg.mlflow.enabled:
@@ -191,8 +195,9 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
             tracking.client(cfg.mlflow.tracking_uri).set_tag(mlflow_run_id, "emotion_ray.init_from",
                                                              cfg.model.init_from)
     # Same name + storage path: Ray Train V2 restores the run's checkpoint state on its own.
-    result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
-                           backbone_weights=backbone_weights).fit()
+    with console.remote_progress(cfg.epochs, "training", "epoch") as progress:
+        result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
+                               backbone_weights=backbone_weights, progress=progress).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} produced no checkpoint: {result.error}")
     metrics = export_run(result.checkpoint, cfg, dataset_uri, manifest, run_dir, mlflow_run_id)

@@ -78,13 +78,15 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
     """Early stopping on val_loss, best-model tracking, and a checkpoint + report every epoch.
 
     `state` (see fresh_state) is updated in place; `work_dir` holds this worker's best model;
-    `on_report(metrics, epoch)` runs on the chief before each report (live MLflow metrics).
+    `on_report(metrics, epoch)` runs on the chief before each report (live MLflow metrics);
+    `progress` (a console.Tally handle, or None) gets the chief's epoch count for the driver's bar.
     """
 
-    def __init__(self, state: dict[str, Any], work_dir: str, patience: int, rank: int, on_report=None):
+    def __init__(self, state: dict[str, Any], work_dir: str, patience: int, rank: int, on_report=None,
+                 progress=None):
         super().__init__()
         self.state, self.work_dir, self.patience, self.rank = state, work_dir, patience, rank
-        self.on_report = on_report
+        self.on_report, self.progress = on_report, progress
         self.started = self.cpu_started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -124,6 +126,9 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         if self.rank == 0:
             if self.on_report:
                 self.on_report(metrics, epoch_no)
+            if self.progress is not None:
+                shown = {"val_loss": "val_loss", "val_acc": "val_categorical_accuracy"}
+                self.progress.set.remote(epoch_no, {k: f"{metrics[m]:.3f}" for k, m in shown.items() if m in metrics})
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir))
         else:
             ray.train.report(report, checkpoint=None)
@@ -212,7 +217,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         def on_report(metrics: dict[str, float], epoch: int) -> None:
             tracking.log_metrics(cfg.mlflow.tracking_uri, loop_config["mlflow_run_id"], metrics, epoch)
 
-    callback = EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report)
+    callback = EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report,
+                               loop_config.get("progress"))
     weights = (model_lib.class_weights(loop_config["train_counts"], classes) if cfg.class_weight == "balanced"
                else None)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from emotion_ray import storage
+from emotion_ray import console, storage
 from emotion_ray.config import Distribution, TrainConfig, TuneConfig, build_config, read_yaml
 from emotion_ray.errors import ConfigError, StageError
 
@@ -139,6 +139,32 @@ def _search(cfg: TuneConfig):
     return search_alg, scheduler
 
 
+def _trials_bar():
+    """A Tune callback (it runs in this driver) drawing trials finished / trials on the terminal."""
+    from ray.tune import Callback
+
+    class TrialsBar(Callback):
+        bar = None
+
+        def setup(self, total_num_samples: int | None = None, **info):
+            self.bar = console.progress(total=total_num_samples, desc="tuning", unit="trial")
+
+        def on_step_end(self, iteration, trials, **info):
+            finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)  # restored ones too
+            if self.bar is not None and finished != self.bar.n:
+                self.bar.update(finished - self.bar.n)
+
+        def on_experiment_end(self, trials, **info):
+            self.on_step_end(0, trials)
+            if self.bar is not None:
+                self.bar.close()
+
+        def __getstate__(self):  # Tune pickles its run config, this included, to restore from
+            return {}
+
+    return TrialsBar()
+
+
 def _results_table(grid, cfg: TuneConfig):
     import pandas as pd
 
@@ -178,6 +204,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     init_ray()
     user_cpus_per_worker = cfg.trial.cpus_per_worker
     concurrency, cpus_per_worker = _check_resources(cfg)
+    console.keep_log_in(cfg.experiment_dir)  # a search that can run: its folder is made
     cfg.trial.cpus_per_worker = cpus_per_worker  # one decision for every trial, made here
     probe = cfg.train_config({})
     dataset_uri, manifest = resolve_dataset(probe, cfg.experiment_dir)
@@ -201,7 +228,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir
 
     if ray.tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_fs):
-        print(f"continuing tuning experiment {cfg.experiment_dir}")
+        print(f"continuing tuning experiment {cfg.experiment_dir}", file=console.out())
         tuner = ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True,
                                        param_space=param_space, storage_filesystem=storage_fs)
     else:
@@ -214,7 +241,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
                 scheduler=scheduler, max_concurrent_trials=concurrency, time_budget_s=cfg.time_budget_s,
             ),
             run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path,
-                                          storage_filesystem=storage_fs, verbose=1),
+                                          storage_filesystem=storage_fs, verbose=1, callbacks=[_trials_bar()]),
         )
     grid = tuner.fit()
 
