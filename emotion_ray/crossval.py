@@ -208,8 +208,10 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
     result = build_trainer(cfg, dataset_uri, manifest, cfg.run_name, run_id, backbone_weights=backbone_weights).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
-    evaluate = ray.remote(num_cpus=1 if cfg.use_gpu else EVAL_CPUS, num_gpus=1 if cfg.use_gpu else 0)(
-        evaluate_checkpoint)
+    # Outside the trial's placement group (as the trainer's own actors are): the trial reserves only
+    # its driver's token CPU, which a task could not fit in.
+    evaluate = ray.remote(num_cpus=1 if cfg.use_gpu else EVAL_CPUS, num_gpus=1 if cfg.use_gpu else 0,
+                          scheduling_strategy="DEFAULT")(evaluate_checkpoint)
     out = ray.get(evaluate.remote(result.checkpoint, dataset_uri, cfg.storage, classes, image_size))
     state, metrics = out["state"], out["metrics"]
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
