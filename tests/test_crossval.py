@@ -93,3 +93,23 @@ def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_
     assert parent[0].data.metrics["cv_accuracy_mean"] == pytest.approx(result["mean_std"]["accuracy"]["mean"])
     assert sorted(r.data.metrics["heldout_accuracy"] for r in children) == pytest.approx(sorted(acc))
     assert {r.info.status for r in parent + children} == {"FINISHED"}
+
+
+@pytest.mark.fast
+def test_summary_prints_mean_std_and_the_pooled_confusion():
+    from emotion_ray.folds import summarize
+    from emotion_ray.metrics import classification_metrics
+    from emotion_ray.summary import cv_text
+
+    classes = ["angry", "happy"]
+    folds = [classification_metrics(np.array([[4, 1], [0, 5]]), classes),
+             classification_metrics(np.array([[3, 2], [1, 4]]), classes)]
+    spread = summarize(folds, classes)
+    pooled = spread.pop("pooled")
+    text = cv_text({"folds": 2, "dataset": "ds", "pool_rows": 20, "pool": "all", "pool_groups": 18, "seconds": 9.0,
+                    "per_fold": [{"rows": {"test": 10}}, {"rows": {"test": 10}}], "mean_std": spread,
+                    "pooled": pooled, "classes": classes, "output": "cv", "mlflow": None}, None)
+    assert "accuracy     0.800 ± 0.141   folds 0.900, 0.700" in text
+    assert "held out 10, 10" in text and "on 20 held-out rows" in text
+    rows = [line.split() for line in text.splitlines()]
+    assert ["angry", "7", "3"] in rows and ["happy", "1", "9"] in rows  # the pooled confusion, rows true
