@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 from emotion_ray import console, summary
 from emotion_ray.calibration import UNCERTAIN
-from emotion_ray.config import PredictConfig, PrepareConfig, ScoreConfig, TrainConfig, load_config, parse_override
+from emotion_ray.config import (CrossValidationConfig, PredictConfig, PrepareConfig, ScoreConfig, TrainConfig, load_config,
+                                parse_override)
 from emotion_ray.errors import EmotionRayError
 
 # (flag, config key, argparse kwargs); the key is where the value lands in the stage's config.
@@ -49,6 +50,19 @@ TRAIN_FLAGS: list[Flag] = [
     ("--tracking-uri", "mlflow.tracking_uri", {}),
     ("--no-mlflow", "mlflow.enabled", {"action": "store_const", "const": False}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+]
+EVALUATE_FLAGS: list[Flag] = [
+    ("--folds", "folds", {"type": int, "help": "K: trainings, each holding out one fold of whole groups (default 5)"}),
+    ("--pool", "pool", {"choices": ["all", "train_val"], "help": "rows dealt into folds: all labelled rows "
+                        "(default), or train+val leaving the test split untouched"}),
+    ("--max-concurrent-trials", "max_concurrent_trials", {"type": int, "help": "folds trained at once (default: "
+                                                          "as many as the cluster fits)"}),
+    ("--overwrite", "overwrite", {"action": "store_const", "const": True,
+                                  "help": "replace an earlier cross-validation in --output"}),
+    ("--data", "data", {"help": "a prepared dataset (emotion-ray prepare)"}),
+    ("--output", "output", {"help": "folder (or s3:// prefix) for this cross-validation"}),
+    *[f for f in TRAIN_FLAGS if f[0] not in ("--data", "--output", "--run-name", "--resume", "--image-size")],
+    ("--run-name", "run_name", {"help": "the MLflow parent run's name (default cv_<output folder's name>)"}),
 ]
 MIN_CONFIDENCE_HELP = "0..1: label rows whose top probability is below it `uncertain` (default off)"
 SCORE_FLAGS: list[Flag] = [
@@ -157,6 +171,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg = _config_from_args(CrossValidationConfig, args, EVALUATE_FLAGS)
+    from emotion_ray.crossval import run_cross_validation
+
+    _report(args, run_cross_validation(cfg), lambda r: summary.cv_text(r, cfg))
+    return 0
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     cfg = _config_from_args(ScoreConfig, args, SCORE_FLAGS)
     from emotion_ray.score import score
@@ -228,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key of the YAML")
     _add_screen_flags(p)
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("evaluate", help="group k-fold cross-validation of a train config (--folds K)")
+    _add_flags(p, EVALUATE_FLAGS)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("score", help="batch inference over folders/prefixes/archives -> Parquet")
     _add_flags(p, SCORE_FLAGS)

@@ -294,6 +294,41 @@ class TrainConfig(StrictModel):
         return self
 
 
+class CrossValidationConfig(TrainConfig):
+    """`emotion-ray evaluate`: group k-fold cross-validation of one train config (crossval.py).
+
+    Every TrainConfig key means what it means to `train` (a `best_train_config.yaml` from tune is
+    accepted as it is), except: `data` must be a prepared dataset, `output` is the cross-validation's
+    own folder, `run_name` names its MLflow parent run (default cv_<output's name>), and `workers`,
+    `use_gpu`, `cpus_per_worker` are each fold's."""
+
+    output: str = Field(description="Folder (or s3:// prefix) of this cross-validation: cv.json, the folds' "
+                        "datasets and results, their training runs.")
+    folds: int = Field(5, ge=2, description="K: trainings, each holding out one fold of whole groups.")
+    pool: Literal["all", "train_val"] = Field(
+        "all", description="The rows dealt into folds: all: every labelled row (train, val and test splits); "
+        "train_val: the train and val splits, leaving the test split untouched (for a last check after "
+        "choosing between configs with cross-validation).")
+    inner_parts: int = Field(
+        5, ge=2, description="Each fold's training groups are dealt (as the folds are) into this many parts; "
+        "one part is its validation split (early stopping, temperature): 5 -> a fifth.")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Folds trained at once. Unset: as many as "
+                                              "the cluster fits (as tune decides).")
+    overwrite: bool = Field(False, description="Replace an earlier cross-validation in `output`.")
+
+    @model_validator(mode="after")
+    def _fresh_start(self) -> CrossValidationConfig:
+        if self.resume:
+            raise ValueError("resume: a cross-validation starts over; pass overwrite to replace an earlier one")
+        return self
+
+    def fold_train_config(self, fold: int, dataset_uri: str, output: str) -> TrainConfig:
+        """The TrainConfig of fold `fold`: this config on the fold's dataset, its run `fold_<k>`."""
+        data = self.model_dump(exclude={"folds", "pool", "inner_parts", "max_concurrent_trials", "overwrite"})
+        data.update(data=dataset_uri, output=output, run_name=f"fold_{fold}", resume=False)
+        return TrainConfig.model_validate(data)
+
+
 class InferenceConfig(DecodeLimits):
     """What `score` and `predict` share: the model, its batches and where it comes from."""
 

@@ -76,6 +76,37 @@ def tune_text(t: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _spread(stats: dict[str, Any]) -> str:
+    return "n/a" if stats["mean"] is None else f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+
+
+def cv_text(r: dict[str, Any], cfg) -> str:
+    """evaluate's summary (cv.json) in a few lines: mean ± sample std over folds, the pooled
+    confusion matrix; `cfg` is the CrossValidationConfig."""
+    spread, pooled = r["mean_std"], r["pooled"]
+    sizes = ", ".join(str(f["rows"]["test"]) for f in r["per_fold"])
+    lines = [f"cross-validated {r['folds']} folds on {r['dataset']}: {r['pool_rows']} rows of the {r['pool']} pool "
+             f"in {r['pool_groups']} groups, held out {sizes} ({r['seconds']:.0f} s)",
+             f"  accuracy     {_spread(spread['accuracy'])}   folds "
+             + ", ".join(f"{v:.3f}" for v in spread["accuracy"]["values"]),
+             f"  macro-F1     {_spread(spread['macro_f1'])}   folds "
+             + ", ".join(f"{v:.3f}" for v in spread["macro_f1"]["values"]),
+             "  recall       " + ", ".join(f"{c} {_spread(s)}" for c, s in spread["recall"].items()),
+             f"  pooled       accuracy {pooled['categorical_accuracy']:.3f}, macro-F1 {pooled['macro_f1']:.3f} on "
+             f"{pooled['test_rows']} held-out rows; confusion (rows true, columns predicted):"]
+    classes = r["classes"]
+    width = max(len(c) for c in classes) + 2
+    lines.append("  " + " " * 13 + " " * width + "".join(f"{c:>{width}}" for c in classes))
+    for c, row in zip(classes, pooled["confusion_matrix"]["rows_true_cols_predicted"]):
+        lines.append("  " + " " * 13 + f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row))
+    lines.append("  (mean ± sample standard deviation over folds)")
+    lines.append(f"  results      {r['output']}/cv.json; each fold's dataset and metrics in {r['output']}/folds/")
+    if r.get("mlflow"):
+        lines += [f"  MLflow       parent run {r['mlflow']['parent_run_id']}, a child run per fold",
+                  f"  open with    {mlflow_ui_command(r['mlflow']['tracking_uri'])}"]
+    return "\n".join(lines)
+
+
 def main(demo_dir: str) -> int:
     root = Path(demo_dir).resolve()
     manifest = json.loads((root / "dataset" / "manifest.json").read_text())

@@ -99,26 +99,34 @@ def _trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes
 
 def _check_resources(cfg: TuneConfig) -> tuple[int, float | None]:
     """Fail fast on trials the cluster can never run; return (concurrent trials, CPUs per worker)."""
+    return trial_concurrency(cfg.trial.workers, cfg.trial.use_gpu, cfg.trial.cpus_per_worker,
+                             cfg.max_concurrent_trials)
+
+
+def trial_concurrency(workers: int, use_gpu: bool, cpus_per_worker: float | None,
+                      max_concurrent: int | None) -> tuple[int, float | None]:
+    """(concurrent trials, CPUs per worker) for trials of `workers` Train workers each on the
+    running cluster; ConfigError for a trial the cluster can never run. One CPU stays free for
+    Ray Data's read tasks. `max_concurrent` (unset: as many as fit) caps the trials."""
     import ray
 
     from emotion_ray.train import worker_cpus
 
     res = ray.cluster_resources()
     cpus, gpus = res.get("CPU", 0), res.get("GPU", 0)
-    workers = cfg.trial.workers
-    if cfg.trial.use_gpu:
+    if use_gpu:
         if gpus < workers:
             raise ConfigError(f"each trial wants {workers} GPU worker(s) but the cluster has {gpus:g} GPU(s)")
         fits = int(gpus // workers)
-        return cfg.max_concurrent_trials or fits, cfg.trial.cpus_per_worker
-    if cfg.trial.cpus_per_worker:
-        per_worker = cfg.trial.cpus_per_worker
+        return max_concurrent or fits, cpus_per_worker
+    if cpus_per_worker:
+        per_worker = cpus_per_worker
         if per_worker * workers + TRIAL_DRIVER_CPUS > cpus:
             raise ConfigError(f"each trial wants {per_worker * workers:g} CPUs but the cluster has {cpus:g}")
         # Leave one CPU to Ray Data's read tasks, or trials wait forever for their data.
         fits = max(1, int((cpus - 1) // (per_worker * workers + TRIAL_DRIVER_CPUS)))
-        return cfg.max_concurrent_trials or fits, per_worker
-    trials = cfg.max_concurrent_trials or max(1, int((cpus - 1) // (workers + TRIAL_DRIVER_CPUS)))
+        return max_concurrent or fits, per_worker
+    trials = max_concurrent or max(1, int((cpus - 1) // (workers + TRIAL_DRIVER_CPUS)))
     return trials, worker_cpus(cpus, workers, False, groups=trials, reserved=TRIAL_DRIVER_CPUS * trials)
 
 
@@ -139,7 +147,7 @@ def _search(cfg: TuneConfig):
     return search_alg, scheduler
 
 
-def _trials_bar():
+def trials_bar(desc: str = "tuning", unit: str = "trial"):
     """A Tune callback (it runs in this driver) drawing trials finished / trials on the terminal."""
     from ray.tune import Callback
 
@@ -147,7 +155,7 @@ def _trials_bar():
         bar = None
 
         def setup(self, total_num_samples: int | None = None, **info):
-            self.bar = console.progress(total=total_num_samples, desc="tuning", unit="trial")
+            self.bar = console.progress(total=total_num_samples, desc=desc, unit=unit)
 
         def on_step_end(self, iteration, trials, **info):
             finished = sum(t.status in ("TERMINATED", "ERROR") for t in trials)  # restored ones too
@@ -241,7 +249,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
                 scheduler=scheduler, max_concurrent_trials=concurrency, time_budget_s=cfg.time_budget_s,
             ),
             run_config=ray.tune.RunConfig(name=cfg.name, storage_path=storage_path,
-                                          storage_filesystem=storage_fs, verbose=1, callbacks=[_trials_bar()]),
+                                          storage_filesystem=storage_fs, verbose=1, callbacks=[trials_bar()]),
         )
     grid = tuner.fit()
 
