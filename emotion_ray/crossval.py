@@ -23,8 +23,6 @@ per fold (its epochs and held-out figures).
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import posixpath
 import tempfile
@@ -175,14 +173,6 @@ def write_fold_datasets(cfg: CrossValidationConfig, manifest: dict[str, Any], ke
     return list(zip(uris, manifests))
 
 
-def _history_csv(history: list[dict[str, float]]) -> bytes:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for row in history for k in row)))
-    writer.writeheader()
-    writer.writerows(history)
-    return buf.getvalue().encode()
-
-
 def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -> None:
     """One fold as a Tune trial: train on its dataset (train.build_trainer), evaluate its best
     checkpoint on the held-out fold (evaluate.evaluate_checkpoint), write the fold's metrics.json
@@ -191,7 +181,7 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
     import ray.tune
 
     from emotion_ray import tracking
-    from emotion_ray.evaluate import evaluate_checkpoint
+    from emotion_ray.evaluate import evaluate_checkpoint, history_csv
     from emotion_ray.train import build_trainer
 
     setup, k = config["_setup"], config["fold"]
@@ -218,7 +208,7 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)
     where = fold_dir(cv.output, k)
     storage.write_json_atomic(storage.join(where, FOLD_METRICS), metrics, cv.storage)
-    storage.write_bytes_atomic(storage.join(where, FOLD_HISTORY), _history_csv(state["history"]), cv.storage)
+    storage.write_bytes_atomic(storage.join(where, FOLD_HISTORY), history_csv(state["history"]), cv.storage)
     if run_id:
         figures = {"heldout_accuracy": metrics["categorical_accuracy"], "heldout_macro_f1": metrics["macro_f1"],
                    **{f"heldout_recall_{c}": m["recall"] for c, m in metrics["per_class"].items()}}
@@ -226,7 +216,7 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
         c = tracking.client(cv.mlflow.tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in ((FOLD_METRICS, storage.read_bytes(storage.join(where, FOLD_METRICS), cv.storage)),
-                               (FOLD_HISTORY, _history_csv(state["history"]))):
+                               (FOLD_HISTORY, history_csv(state["history"]))):
                 with open(os.path.join(tmp, name), "wb") as fh:
                     fh.write(data)
                 c.log_artifact(run_id, os.path.join(tmp, name))

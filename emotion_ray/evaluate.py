@@ -169,7 +169,7 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
                                     indent=2).encode(),
             "config.yaml": yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False).encode(),
             "metrics.json": json.dumps(metrics, indent=2).encode(),
-            "history.csv": _history_csv(state["history"]),
+            "history.csv": history_csv(state["history"]),
         }
         for name, data in files.items():
             with open(os.path.join(export_dir, name), "wb") as fh:
@@ -184,7 +184,8 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
     return metrics
 
 
-def _history_csv(history: list[dict[str, float]]) -> bytes:
+def history_csv(history: list[dict[str, float]]) -> bytes:
+    """A run's per-epoch rows (dicts) as history.csv's bytes: one column per key, in first-seen order."""
     buf = io.StringIO()
     fields = list(dict.fromkeys(k for row in history for k in row))
     writer = csv.DictWriter(buf, fieldnames=fields)

@@ -60,7 +60,7 @@ def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_
     make_demo_dataset(tmp_path / "images", per_class=12, seed=2, canvas=48)
     prepare(PrepareConfig(inputs=[str(tmp_path / "images")], output=str(tmp_path / "ds"), image_size=32))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    cfg = CrossValidationConfig(data=str(tmp_path / "ds"), output=str(tmp_path / "cv"), folds=3, inner_parts=3,
+    cfg = CrossValidationConfig(data=str(tmp_path / "ds"), output=str(tmp_path / "cv"), folds=2, inner_parts=3,
                                 workers=2, epochs=1, batch_size=8, model={"dense_units": 16},
                                 mlflow={"tracking_uri": uri, "experiment": "cv_test"})
     started = time.perf_counter()
@@ -68,7 +68,7 @@ def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_
     print(f"cross-validation took {time.perf_counter() - started:.1f} s")
 
     on_disk = json.loads((tmp_path / "cv" / "cv.json").read_text())
-    assert on_disk["per_fold"] == result["per_fold"] and len(result["per_fold"]) == 3
+    assert on_disk["per_fold"] == result["per_fold"] and len(result["per_fold"]) == 2
     heldout = [f["rows"]["test"] for f in result["per_fold"]]
     assert sum(heldout) == result["pool_rows"] == 36  # every labelled row held out once
     for k, fold in enumerate(result["per_fold"]):
@@ -88,8 +88,7 @@ def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_
     runs = client.search_runs([client.get_experiment_by_name("cv_test").experiment_id])
     parent = [r for r in runs if r.info.run_name == "cv_cv"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id]
-    assert len(parent) == 1 and sorted(r.info.run_name for r in children) == ["cv_cv_fold_0", "cv_cv_fold_1",
-                                                                             "cv_cv_fold_2"]
+    assert len(parent) == 1 and sorted(r.info.run_name for r in children) == ["cv_cv_fold_0", "cv_cv_fold_1"]
     assert parent[0].data.metrics["cv_accuracy_mean"] == pytest.approx(result["mean_std"]["accuracy"]["mean"])
     assert sorted(r.data.metrics["heldout_accuracy"] for r in children) == pytest.approx(sorted(acc))
     assert {r.info.status for r in parent + children} == {"FINISHED"}
