@@ -135,7 +135,7 @@ def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, 
         plt.close(fig)
     cm = metrics["confusion_matrix"]
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(cm["rows_true_cols_predicted"], cmap="Blues")
+    image = ax.imshow(cm["rows_true_cols_predicted"], cmap="Blues")
     labels = cm["labels"]
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
@@ -143,7 +143,9 @@ def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, 
     ax.set_ylabel("true")
     for i, row in enumerate(cm["rows_true_cols_predicted"]):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center")
+            # White on the dark half of the colour map, black on the light half: every count readable.
+            dark = image.norm(value) > 0.5
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black")
     ax.set_title("Test confusion matrix")
     fig.savefig(os.path.join(export_dir, "confusion_matrix.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)

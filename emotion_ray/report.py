@@ -38,11 +38,12 @@ tr:nth-child(even) td { background: #fafafa; }
 .card { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em 1em; min-width: 8em; }
 .card .v { font-size: 1.6em; font-weight: 600; } .card .k { color: #666; font-size: 0.85em; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
-.figs figure { margin: 0; } figcaption { color: #666; font-size: 0.9em; }
+figure { margin: 0; } figcaption { color: #666; font-size: 0.9em; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax({{ thumb + 30 }}px, 1fr)); gap: 1em; }
 .mistake { border: 1px solid #ddd; border-radius: 6px; padding: 0.5em; font-size: 0.85em; }
 .pix { image-rendering: pixelated; width: {{ thumb }}px; height: {{ thumb }}px; }
-.cams .pix { width: {{ thumb }}px; } .cams { display: flex; gap: 0.5em; flex-wrap: wrap; }
+.camgrid { grid-template-columns: repeat(auto-fill, minmax({{ 2 * thumb + 40 }}px, 1fr)); }
+.cams { display: flex; gap: 0.5em; }
 .bar { display: flex; align-items: center; gap: 0.4em; margin: 1px 0; }
 .bar span.name { width: 4.5em; } .bar span.track { flex: 1; background: #eee; height: 0.8em; position: relative; }
 .bar span.fill { position: absolute; left: 0; top: 0; bottom: 0; background: #9ab; }
@@ -96,7 +97,7 @@ in {{ test_rows }} test rows. Bars: every class's probability; red the predicted
 strongest, over the picture, for the {{ cams|length }} most confident mistakes above: on the left the
 evidence for the class the model chose, on the right for the true class. A map is as coarse as the
 model's last feature map, a few cells a side, smoothed to the picture's size.</p>
-<div class="grid">
+<div class="grid camgrid">
 {% for m in cams %}<div class="mistake" data-cam-row="{{ m.row }}"><div class="cams">
 <figure><img class="pix" src="data:image/png;base64,{{ m.cam_predicted }}" alt="Grad-CAM {{ m.predicted }}">
 <figcaption>as {{ m.predicted }} (chosen)</figcaption></figure>

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import io
 from html.parser import HTMLParser
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,6 +89,14 @@ def _blob(size: int, cy: float, cx: float) -> np.ndarray:
     return np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 0.02).astype(np.float32)
 
 
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A run's metrics, manifest and mistakes (60 random test rows, 8 mistakes kept, 2 with
+    maps) and its figures drawn by evaluate._plots into a folder, once for the module."""
+    folder = tmp_path_factory.mktemp("run")
+    return (folder, *_synthetic_run(folder))
+
+
 def _synthetic_run(tmp_path, rows=60, cams=2):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 3, rows)
@@ -110,8 +119,8 @@ def _synthetic_run(tmp_path, rows=60, cams=2):
     return metrics, manifest, examples, probs, labels
 
 
-def test_report_renders_every_section_with_real_pngs_and_ordered_mistakes(tmp_path):
-    metrics, manifest, examples, probs, labels = _synthetic_run(tmp_path)
+def test_report_renders_every_section_with_real_pngs_and_ordered_mistakes(synthetic):
+    tmp_path, metrics, manifest, examples, probs, labels = synthetic
     path = write_report(str(tmp_path), "demo <run>", metrics, manifest, examples, "seed_cnn at 48x48 px")
     assert path == str(tmp_path / REPORT_FILE)
     text = (tmp_path / REPORT_FILE).read_text(encoding="utf-8")
@@ -127,10 +136,9 @@ def test_report_renders_every_section_with_real_pngs_and_ordered_mistakes(tmp_pa
     assert f"{metrics['temperature']:.2f}" in text and "3 of 5" in text
 
 
-def test_a_run_without_mistakes_or_maps_still_renders(tmp_path):
-    metrics, manifest, _, _, _ = _synthetic_run(tmp_path)
-    write_report(str(tmp_path), "r", metrics, manifest, [])
-    text = (tmp_path / REPORT_FILE).read_text(encoding="utf-8")
+def test_a_run_without_mistakes_or_maps_still_renders(synthetic):
+    tmp_path, metrics, manifest, _, _, _ = synthetic
+    text = (Path(write_report(str(tmp_path), "r", metrics, manifest, []))).read_text(encoding="utf-8")
     page = check_report(text, CLASSES, cams=0)
     assert page.mistakes == [] and "No mistakes on the test split." in text
     # Without the run's figures (not drawn), the page still renders, with the numbers alone.
