@@ -167,8 +167,22 @@ def min_confidence_for_precision(probs: np.ndarray, labels: np.ndarray, target: 
 SUGGESTION_TARGET_PRECISION = 0.9
 
 
+def choose_temperature(val_probs: np.ndarray, val_labels: np.ndarray) -> tuple[float, str]:
+    """(T, fit): the temperature a run keeps, fitted on its validation rows (raw softmax (N, K),
+    integer labels (N,)), and why (`fit`, as calibration_report documents it: T is 1 unless
+    "nll_minimum"). Deterministic: calling it again on the same rows gives the same T."""
+    val_probs, val_labels = np.asarray(val_probs), np.asarray(val_labels, dtype=np.int64)
+    fitted = fit_temperature(val_probs, val_labels)
+    lo, hi = TEMPERATURE_BOUNDS
+    no_minimum = (bool((val_probs.argmax(axis=1) == val_labels).all()) or fitted <= lo * (1 + 1e-3)
+                  or fitted >= hi * (1 - 1e-3))
+    fit = "no_rows" if not len(val_labels) else "no_minimum_in_range" if no_minimum else "nll_minimum"
+    return (fitted if fit == "nll_minimum" else 1.0), fit
+
+
 def calibration_report(val_probs: np.ndarray, val_labels: np.ndarray, test_probs: np.ndarray,
-                       test_labels: np.ndarray, bins: int = ECE_BINS) -> dict[str, Any]:
+                       test_labels: np.ndarray, bins: int = ECE_BINS,
+                       fitted: tuple[float, str] | None = None) -> dict[str, Any]:
     """Fit T on the validation rows and measure it on the test rows (metrics.json's figures).
 
     Inputs are raw softmax outputs (N, K) and integer labels (N,) of each split. Returns
@@ -179,15 +193,11 @@ def calibration_report(val_probs: np.ndarray, val_labels: np.ndarray, test_probs
     SUGGESTION_TARGET_PRECISION)}}. `fit` is "nll_minimum"; or "no_minimum_in_range" when
     every validation row is classified right (the NLL then has no minimum: it falls as T falls)
     or the fit ended on a bound of TEMPERATURE_BOUNDS, and "no_rows" without validation rows:
-    in both T is 1, the raw softmax.
+    in both T is 1, the raw softmax. `fitted`: choose_temperature's answer on these validation
+    rows, when the caller already has it (evaluate.py needs T before it reads test).
     """
     val_probs, val_labels = np.asarray(val_probs), np.asarray(val_labels, dtype=np.int64)
-    fitted = fit_temperature(val_probs, val_labels)
-    lo, hi = TEMPERATURE_BOUNDS
-    no_minimum = (bool((val_probs.argmax(axis=1) == val_labels).all()) or fitted <= lo * (1 + 1e-3)
-                  or fitted >= hi * (1 - 1e-3))
-    fit = "no_rows" if not len(val_labels) else "no_minimum_in_range" if no_minimum else "nll_minimum"
-    temperature = fitted if fit == "nll_minimum" else 1.0
+    temperature, fit = fitted or choose_temperature(val_probs, val_labels)
     test_after, val_after = apply_temperature(test_probs, temperature), apply_temperature(val_probs, temperature)
     nan_to_none = lambda x: None if np.isnan(x) else x  # noqa: E731 - JSON has no NaN
     return {

@@ -38,9 +38,11 @@ def manifest_sha256(dataset_uri: str, storage_cfg: StorageConfig | None = None) 
     return hashlib.sha256(storage.read_bytes(storage.join(dataset_uri, MANIFEST), storage_cfg)).hexdigest()
 
 
-def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None):
+def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None,
+               columns: tuple[str, ...] = ("image", "label_index")):
     """A Ray Dataset of one split's rows: `image` (binary, image_size² x 3 uint8 RGB) and
-    `label_index` (int32), streamed from its shards. ConfigError when the split is empty."""
+    `label_index` (int32), streamed from its shards; `columns` names others to read too (README,
+    prepare: e.g. `path`). ConfigError when the split is empty."""
     import ray
 
     from emotion_ray.runtime import parquet_reader_v1
@@ -56,6 +58,6 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
     read_tasks = min(len(files), max(1, math.ceil(split_bytes / READ_TASK_BYTES)))
     with parquet_reader_v1():  # the manifest already names every shard
         return ray.data.read_parquet(
-            files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=["image", "label_index"],
+            files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=list(columns),
             override_num_blocks=read_tasks,
         )

@@ -3,9 +3,10 @@
 `evaluate_checkpoint` runs as a Ray task (on a GPU when training had them) through the same
 `inference.Predictor` as score and predict, over the whole validation and test splits (outside
 any strategy, so no row is dropped): it fits the temperature on val (calibration.py) and
-measures it on test; `export_run` (driver) writes the run directory: model.keras (inference
-only), labels.json (with the temperature), config.yaml, history.csv, metrics.json and plots
-(reliability.png among them), then logs to MLflow.
+measures it on test, and keeps the test split's most confident mistakes with Grad-CAM maps of a
+few (explain.py); `export_run` (driver) writes the run directory: model.keras (inference only),
+labels.json (with the temperature), config.yaml, history.csv, metrics.json, plots
+(reliability.png among them) and report.html (report.py), then logs to MLflow.
 """
 
 from __future__ import annotations
@@ -23,30 +24,60 @@ from emotion_ray import storage
 from emotion_ray.config import StorageConfig, TrainConfig
 from emotion_ray.errors import ConfigError
 from emotion_ray.inference import LABELS_FILE, MODEL_FILE
+from emotion_ray.report import write_report
 
 EVALUATION_BATCH = 256
 RELIABILITY_PLOT = "reliability.png"
+# report.html: the test split's most confident mistakes shown (a 4-wide grid), and how many of
+# them get Grad-CAM maps (each costs a gradient pass; a handful is what a person looks at).
+REPORT_MISTAKES, REPORT_CAMS = 12, 4
 
 
 def _split_probabilities(predictor, dataset_uri: str, split: str, storage_cfg: StorageConfig,
-                         image_size: int, num_classes: int):
+                         image_size: int, num_classes: int, mistakes=None, temperature: float = 1.0):
     """(probabilities (N, classes) float32, label indices (N,) int64) of one split; 0 rows when
-    the dataset has no such split."""
+    the dataset has no such split. `mistakes` (an explain.WorstMistakes) is offered every batch's
+    pixels, probabilities at `temperature` and paths as they pass."""
     import numpy as np
 
+    from emotion_ray.calibration import apply_temperature
     from emotion_ray.dataset import load_split
     from emotion_ray.images import pixels_from_arrow
 
     probs, labels = [np.zeros((0, num_classes), np.float32)], [np.zeros(0, np.int64)]
     try:
-        rows = load_split(dataset_uri, split, storage_cfg)
+        rows = load_split(dataset_uri, split, storage_cfg,
+                          ("image", "label_index") + (("path",) if mistakes is not None else ()))
     except ConfigError:
         rows = None
     if rows is not None:
         for batch in rows.iter_batches(batch_size=EVALUATION_BATCH, batch_format="pyarrow"):
-            probs.append(predictor.probabilities(pixels_from_arrow(batch["image"], image_size)))
+            images = pixels_from_arrow(batch["image"], image_size)
+            probs.append(predictor.probabilities(images))
             labels.append(batch["label_index"].to_numpy().astype(np.int64))
+            if mistakes is not None:
+                mistakes.add(images, apply_temperature(probs[-1], temperature), labels[-1],
+                             batch["path"].to_pylist())
     return np.concatenate(probs), np.concatenate(labels)
+
+
+def _explained_mistakes(model, mistakes, cams: int) -> list[dict[str, Any]]:
+    """`mistakes`' examples; the first `cams` with Grad-CAM maps (explain.grad_cam) of their
+    predicted and true classes: `cam_predicted`, `cam_true`, (S, S) float32 in [0, 1]."""
+    import numpy as np
+
+    from emotion_ray.explain import grad_cam
+
+    examples = mistakes.examples()
+    shown = examples[:cams]
+    if shown:
+        images = np.stack([e["image"] for e in shown])
+        # One pass for both classes: the images twice, predicted classes then true ones.
+        maps = grad_cam(model, np.concatenate([images, images]),
+                        [e["predicted"] for e in shown] + [e["true"] for e in shown])
+        for e, predicted, true in zip(shown, maps[: len(shown)], maps[len(shown) :]):
+            e["cam_predicted"], e["cam_true"] = predicted, true
+    return examples
 
 
 def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str],
@@ -54,8 +85,11 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     """Ray task: the best model's test metrics (metrics.classification_metrics), its
     temperature fitted on the validation split with the calibration figures on test
     (calibration.calibration_report: temperature, ece_before, ece_after, calibration), its
-    file's bytes and the training state. A split the dataset lacks counts 0 rows (T = 1)."""
-    from emotion_ray.calibration import calibration_report
+    file's bytes and the training state, and for report.html the test split's REPORT_MISTAKES
+    most confident mistakes (explain.WorstMistakes; the first REPORT_CAMS with Grad-CAM maps,
+    see _explained_mistakes). A split the dataset lacks counts 0 rows (T = 1)."""
+    from emotion_ray.calibration import calibration_report, choose_temperature
+    from emotion_ray.explain import WorstMistakes
     from emotion_ray.inference import ModelBundle, Predictor
     from emotion_ray.metrics import classification_metrics, confusion_matrix
     from emotion_ray.train_worker import BEST_MODEL, STATE_FILE
@@ -68,12 +102,16 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     # The raw softmax (T = 1): the temperature is fitted on these outputs.
     predictor = Predictor(ModelBundle(model_bytes, classes, image_size, "checkpoint"), EVALUATION_BATCH)
     val_probs, val_labels = _split_probabilities(predictor, dataset_uri, "val", storage_cfg, image_size, len(classes))
+    # T first: the report's worst mistakes are ranked by the calibrated confidence score would write.
+    fitted = choose_temperature(val_probs, val_labels)
+    mistakes = WorstMistakes(REPORT_MISTAKES)
     test_probs, test_labels = _split_probabilities(predictor, dataset_uri, "test", storage_cfg, image_size,
-                                                   len(classes))
+                                                   len(classes), mistakes, fitted[0])
     # A temperature never moves the argmax: these metrics hold for the calibrated model too.
     metrics = classification_metrics(confusion_matrix(test_labels, test_probs.argmax(axis=1), len(classes)), classes)
-    metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels))
-    return {"model_bytes": model_bytes, "state": state, "metrics": metrics}
+    metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels, fitted=fitted))
+    return {"model_bytes": model_bytes, "state": state, "metrics": metrics,
+            "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS)}
 
 
 def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, Any]) -> None:
@@ -97,7 +135,7 @@ def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, 
         plt.close(fig)
     cm = metrics["confusion_matrix"]
     fig, ax = plt.subplots(figsize=(4.5, 4))
-    ax.imshow(cm["rows_true_cols_predicted"], cmap="Blues")
+    image = ax.imshow(cm["rows_true_cols_predicted"], cmap="Blues")
     labels = cm["labels"]
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(labels)), labels)
@@ -105,7 +143,9 @@ def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, 
     ax.set_ylabel("true")
     for i, row in enumerate(cm["rows_true_cols_predicted"]):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center")
+            # White on the dark half of the colour map, black on the light half: every count readable.
+            dark = image.norm(value) > 0.5
+            ax.text(j, i, str(value), ha="center", va="center", color="white" if dark else "black")
     ax.set_title("Test confusion matrix")
     fig.savefig(os.path.join(export_dir, "confusion_matrix.png"), dpi=100, bbox_inches="tight")
     plt.close(fig)
@@ -175,6 +215,8 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
             with open(os.path.join(export_dir, name), "wb") as fh:
                 fh.write(data)
         _plots(export_dir, state["history"], metrics)
+        write_report(export_dir, os.path.basename(run_dir.rstrip("/")), metrics, manifest, out["mistakes"],
+                     _run_details(cfg, dataset_uri, image_size))
         for name in sorted(os.listdir(export_dir)):
             storage.upload_file(os.path.join(export_dir, name), storage.join(run_dir, name), cfg.storage)
         if mlflow_run_id:
@@ -182,6 +224,13 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
 
             metrics["registered_model"] = tracking.finish_run(cfg.mlflow, mlflow_run_id, export_dir, metrics)
     return metrics
+
+
+def _run_details(cfg: TrainConfig, dataset_uri: str, image_size: int) -> str:
+    """The report's line under its title: what was trained, on what, how."""
+    return (f"{cfg.model.architecture} at {image_size}x{image_size} px, {cfg.workers} worker(s), "
+            f"up to {cfg.epochs} epochs, batch {cfg.batch_size}, learning rate {cfg.learning_rate:g}; "
+            f"dataset {dataset_uri}" + (f"; fine-tuned from {cfg.model.init_from}" if cfg.model.init_from else ""))
 
 
 def history_csv(history: list[dict[str, float]]) -> bytes:

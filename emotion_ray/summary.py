@@ -53,7 +53,8 @@ def train_text(r: dict[str, Any], cfg) -> str:
              f"  test         accuracy {r['categorical_accuracy']:.3f}, macro precision {r['macro_precision']:.3f}, "
              f"macro recall {r['macro_recall']:.3f} on {r['test_rows']} images",
              f"  run          {r['run_dir']}: model.keras, labels.json, metrics.json, history.csv, "
-             "loss.png, accuracy.png, confusion_matrix.png"]
+             "loss.png, accuracy.png, confusion_matrix.png",
+             f"  report       {r['run_dir'].rstrip('/')}/report.html  (open it in a browser)"]
     if r.get("mlflow_run_id"):
         registered = f", registered as {r['registered_model']}" if r.get("registered_model") else ""
         lines += [f"  MLflow       run {r['mlflow_run_id']}{registered}",

@@ -70,7 +70,7 @@ def test_two_workers_beat_chance_on_the_test_split(trained):
 def test_run_directory_holds_everything(trained):
     result, run_dir, _ = trained
     for name in ("model.keras", "labels.json", "config.yaml", "history.csv", "metrics.json",
-                 "loss.png", "accuracy.png", "confusion_matrix.png", "reliability.png"):
+                 "loss.png", "accuracy.png", "confusion_matrix.png", "reliability.png", "report.html"):
         assert (run_dir / name).stat().st_size > 0, name
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, result["epochs_run"] + 1))
@@ -110,6 +110,44 @@ def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo
     assert total == result["test_rows"] and correct / total == pytest.approx(result["categorical_accuracy"])
 
 
+def test_report_shows_the_most_confident_test_mistakes_and_where_the_model_looked(trained, prepared_demo):
+    """report.html of the run: every section, real PNGs, and its mistakes checked against the
+    saved model's own calibrated answers on the test split; Grad-CAM of the real model."""
+    from emotion_ray.calibration import apply_temperature
+    from emotion_ray.dataset import load_split
+    from emotion_ray.evaluate import REPORT_CAMS, REPORT_MISTAKES
+    from emotion_ray.explain import grad_cam
+    from emotion_ray.model import load_model
+    from tests.test_report import check_report
+
+    result, run_dir, _ = trained
+    classes = ["angry", "happy", "sad"]
+    cm = np.array(result["confusion_matrix"]["rows_true_cols_predicted"])
+    shown = min(REPORT_MISTAKES, int(cm.sum() - np.trace(cm)))
+    page = check_report((run_dir / "report.html").read_text(encoding="utf-8"), classes, min(REPORT_CAMS, shown))
+    assert len(page.mistakes) == shown
+    model = load_model(str(run_dir / "model.keras"))
+    temperature = json.loads((run_dir / "labels.json").read_text())["temperature"]
+    rows = load_split(str(prepared_demo), "test", columns=("image", "label_index", "path")).to_pandas()
+    images = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(48, 48, 3) for b in rows["image"]])
+    probs = apply_temperature(model.predict(images, verbose=0), temperature)
+    by_path = {p: i for i, p in enumerate(rows["path"])}
+    for card in page.mistakes:
+        i = by_path[card["data-path"]]
+        assert classes[rows["label_index"][i]] == card["data-true"] and classes[probs[i].argmax()] == card["data-predicted"]
+        assert float(card["data-confidence"]) == pytest.approx(probs[i].max(), abs=1e-4)
+    # No mistake left out is more confident than the least confident shown.
+    wrong = probs.argmax(1) != rows["label_index"].to_numpy()
+    left_out = wrong & ~np.isin(np.arange(len(rows)), [by_path[c["data-path"]] for c in page.mistakes])
+    if shown and left_out.any():
+        assert probs[left_out].max(1).max() <= float(page.mistakes[-1]["data-confidence"]) + 1e-4
+    # Grad-CAM of the trained seed CNN: the picture's shape, in [0, 1], not flat.
+    explained = [by_path[c["data-path"]] for c in page.mistakes[:REPORT_CAMS]] or [0]
+    maps = grad_cam(model, images[explained], probs[explained].argmax(1))
+    assert maps.shape == (len(explained), 48, 48) and maps.min() >= 0 and maps.max() <= 1
+    assert all(m.max() == pytest.approx(1.0) and m.std() > 0.01 for m in maps)
+
+
 def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     from mlflow.tracking import MlflowClient
 
@@ -123,7 +161,8 @@ def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
     assert sorted({m.step for m in val_loss}) == list(range(1, result["epochs_run"] + 1))
     assert run.data.metrics["test_categorical_accuracy"] == pytest.approx(result["categorical_accuracy"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png", "reliability.png"} <= artifacts
+    assert {"metrics.json", "history.csv", "loss.png", "confusion_matrix.png", "reliability.png",
+            "report.html"} <= artifacts
     assert run.data.metrics["test_ece_after"] == pytest.approx(result["ece_after"])
     assert result["registered_model"] == "models:/test_emotion/1"
     assert client.get_model_version("test_emotion", "1").status == "READY"
