@@ -144,7 +144,7 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
                      f"{m['faces']['pictures_by_faces']}")
     if m.get("small_classes"):
         lines.append(f"  warning: few images in {m['small_classes']}: test figures for them will be noise")
-    lines.append(f"  use with     emotion-ray train --data {output}  (or pandas.read_parquet(\"{output}/split=train\"))")
+    lines.append(f"  use with     emotion-ray train --data {output}  (or pandas.read_parquet(\"{output}/data/split=train\"))")
     return "\n".join(lines)
 
 

@@ -82,7 +82,7 @@ def main(demo_dir: str) -> int:
     metrics = json.loads((root / "runs" / "demo" / "metrics.json").read_text())
     scores = json.loads((root / "predictions" / "_SUCCESS.json").read_text())
     print("\n=== emotion_ray demo ===")
-    print(f"dataset      {root / 'dataset'}  ({manifest['rows']} images: {manifest['split_rows']})")
+    print(f"dataset      {root / 'dataset'}  ({manifest['rows']} images: {_counts(manifest['split_rows'])})")
     print(f"             Parquet: {root / 'dataset' / 'data'}  (pandas.read_parquet, polars, DuckDB, pyarrow)")
     print(f"model        {root / 'runs' / 'demo' / 'model.keras'}  (best epoch {metrics['best_epoch']} "
           f"of {metrics['epochs_run']})")
@@ -94,7 +94,8 @@ def main(demo_dir: str) -> int:
     if metrics.get("ece_before") is not None:
         print(f"calibration  temperature {metrics['temperature']:.2f} (fitted on val): test ECE "
               f"{metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f}")
-    print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {scores['labels']}, errors {scores['errors']})")
+    print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {_counts(scores['labels'])}; "
+          f"errors {_counts(scores['errors'])})")
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
           "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix,reliability}}.png")
