@@ -105,11 +105,14 @@ def main(demo_dir: str) -> int:
 
 
 def _experiment_url(db: Path, experiment: str = "emotion_ray") -> str:
-    """The UI's page of the training experiment in `db` (the UI's start page if it is not there)."""
+    """The UI's page of the training experiment in `db` (the UI's start page if it is not there), in the UI's
+    model-training mode: MLflow 3's UI starts a new browser in its GenAI mode, which opens an experiment
+    on an empty traces overview whatever the experiment's kind (bench/RESULTS.md, *MLflow UI check*)."""
     from mlflow.tracking import MlflowClient
 
     found = MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment_by_name(experiment) if db.exists() else None
-    return f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}" if found else "http://127.0.0.1:5000"
+    return (f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}?workflowType=machine_learning" if found
+            else "http://127.0.0.1:5000")
 
 
 if __name__ == "__main__":
