@@ -108,7 +108,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from emotion_ray.demo import make_demo_dataset
 
     counts = make_demo_dataset(args.out, per_class=args.per_class, seed=args.seed, canvas=args.canvas)
-    print(f"wrote {sum(counts.values())} demo images to {args.out}: {counts}")
+    print(f"wrote {sum(counts.values())} demo images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
