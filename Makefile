@@ -8,7 +8,7 @@ DEMO_PER_CLASS ?= 100
 DEMO_IMAGE_SIZE ?= 256
 DEMO_EPOCHS ?= 12
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench check-ui clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,17 @@ bench: install
 	$(BIN)/python -m bench.score
 	$(BIN)/python -m bench.faces
 	$(BIN)/python -m bench.quality
+
+# What an MLflow user sees: the UI in headless Chromium (apt-get install chromium) on a small fresh
+# run; screenshots and result.json in bench/ui_check/. Not part of `make test`: CI has no browser.
+# `make check-ui UI_STORE=demo_out` checks the store `make demo` left instead.
+UI_STORE ?=
+$(BIN)/.ui-check-installed: $(BIN)/.installed
+	$(BIN)/pip install -q -e '.[ui-check]'
+	touch $@
+
+check-ui: $(BIN)/.ui-check-installed
+	$(BIN)/python -m bench.mlflow_ui_check $(if $(UI_STORE),--store $(UI_STORE))
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

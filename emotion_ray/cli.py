@@ -122,7 +122,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     from emotion_ray.demo import make_demo_dataset
 
     counts = make_demo_dataset(args.out, per_class=args.per_class, seed=args.seed, canvas=args.canvas)
-    print(f"wrote {sum(counts.values())} demo images to {args.out}: {counts}")
+    print(f"wrote {sum(counts.values())} demo images to {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
@@ -158,7 +158,7 @@ def format_prepare_summary(output: str, m: dict[str, Any]) -> str:
                      f"{m['faces']['pictures_by_faces']}")
     if m.get("small_classes"):
         lines.append(f"  warning: few images in {m['small_classes']}: test figures for them will be noise")
-    lines.append(f"  use with     emotion-ray train --data {output}  (or pandas.read_parquet(\"{output}/split=train\"))")
+    lines.append(f"  use with     emotion-ray train --data {output}  (or pandas.read_parquet(\"{output}/data/split=train\"))")
     return "\n".join(lines)
 
 

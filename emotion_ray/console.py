@@ -209,11 +209,20 @@ def bars_draw() -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def _terminal_columns() -> int:
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return os.get_terminal_size(err().fileno()).columns
+    return 0
+
+
 def progress(disable: bool = False, **kwargs: Any):
-    """A tqdm bar on the terminal's stderr; it draws only when that is a terminal."""
+    """A tqdm bar on the terminal's stderr; it draws only when that is a terminal. It follows the
+    terminal's width; a terminal that reports none (0 columns: `script`, some CI and container
+    ttys), where tqdm would draw nothing at all, gets an 80-column bar."""
     from tqdm import tqdm
 
-    return tqdm(file=err(), disable=disable or not bars_draw(), dynamic_ncols=True, **kwargs)
+    width = {"dynamic_ncols": True} if _terminal_columns() > 0 else {"ncols": 80}
+    return tqdm(file=err(), disable=disable or not bars_draw(), **width, **kwargs)
 
 
 class Tally:

@@ -114,7 +114,7 @@ def main(demo_dir: str) -> int:
     metrics = json.loads((root / "runs" / "demo" / "metrics.json").read_text())
     scores = json.loads((root / "predictions" / "_SUCCESS.json").read_text())
     print("\n=== emotion_ray demo ===")
-    print(f"dataset      {root / 'dataset'}  ({manifest['rows']} images: {manifest['split_rows']})")
+    print(f"dataset      {root / 'dataset'}  ({manifest['rows']} images: {_counts(manifest['split_rows'])})")
     print(f"             Parquet: {root / 'dataset' / 'data'}  (pandas.read_parquet, polars, DuckDB, pyarrow)")
     print(f"model        {root / 'runs' / 'demo' / 'model.keras'}  (best epoch {metrics['best_epoch']} "
           f"of {metrics['epochs_run']})")
@@ -126,7 +126,8 @@ def main(demo_dir: str) -> int:
     if metrics.get("ece_before") is not None:
         print(f"calibration  temperature {metrics['temperature']:.2f} (fitted on val): test ECE "
               f"{metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f}")
-    print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {scores['labels']}, errors {scores['errors']})")
+    print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {_counts(scores['labels'])}; "
+          f"errors {_counts(scores['errors'])})")
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
           "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix,reliability}}.png")
@@ -136,11 +137,14 @@ def main(demo_dir: str) -> int:
 
 
 def _experiment_url(db: Path, experiment: str = "emotion_ray") -> str:
-    """The UI's page of the training experiment in `db` (the UI's start page if it is not there)."""
+    """The UI's page of the training experiment in `db` (the UI's start page if it is not there), in the UI's
+    model-training mode: MLflow 3's UI starts a new browser in its GenAI mode, which opens an experiment
+    on an empty traces overview whatever the experiment's kind (bench/RESULTS.md, *MLflow UI check*)."""
     from mlflow.tracking import MlflowClient
 
     found = MlflowClient(tracking_uri=f"sqlite:///{db}").get_experiment_by_name(experiment) if db.exists() else None
-    return f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}" if found else "http://127.0.0.1:5000"
+    return (f"http://127.0.0.1:5000/#/experiments/{found.experiment_id}?workflowType=machine_learning" if found
+            else "http://127.0.0.1:5000")
 
 
 if __name__ == "__main__":

@@ -38,12 +38,18 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+EXPERIMENT_NOTE = ("Image emotion classifier training (emotion_ray). One run per `emotion-ray train` (its description "
+                   "says what was trained on which dataset, with the test metrics); `emotion-ray tune` trials are "
+                   "child runs of their experiment's run. Trained models are registered in the Model registry.")
+
+
 def experiment_id(cfg: MlflowConfig) -> str:
     c = client(cfg.tracking_uri)
     found = c.get_experiment_by_name(cfg.experiment)
     if found:
-        if KIND_TAG not in found.tags:
-            c.set_experiment_tag(found.experiment_id, KIND_TAG, KIND)
+        for key, value in ((KIND_TAG, KIND), (NOTE_TAG, EXPERIMENT_NOTE)):
+            if key not in found.tags:  # never overwrite a description someone wrote
+                c.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     artifact_location = None
     if cfg.tracking_uri.startswith("sqlite:///"):
@@ -51,7 +57,8 @@ def experiment_id(cfg: MlflowConfig) -> str:
         # also mistakes a ./mlruns folder for the retired file store).
         db = cfg.tracking_uri[len("sqlite:///"):]
         artifact_location = os.path.join(os.path.dirname(os.path.abspath(db)), "mlartifacts", cfg.experiment)
-    return c.create_experiment(cfg.experiment, artifact_location=artifact_location, tags={KIND_TAG: KIND})
+    return c.create_experiment(cfg.experiment, artifact_location=artifact_location,
+                               tags={KIND_TAG: KIND, NOTE_TAG: EXPERIMENT_NOTE})
 
 
 def source_tags() -> dict[str, str]:

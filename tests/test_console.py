@@ -26,10 +26,11 @@ NOISE = re.compile(r"core_worker|cuInit|cuda|WARNING|INFO|UDF|tensorflow|absl|st
                    r"\(RayTrainWorker|\(raylet\)|pid=", re.IGNORECASE)
 
 
-def run_in_pty(cmd: list[str], env: dict[str, str], timeout: float = 600) -> tuple[int, str]:
-    """Run `cmd` with a pseudo-terminal (80x120) as stdout and stderr; (exit status, screen text)."""
+def run_in_pty(cmd: list[str], env: dict[str, str], timeout: float = 600,
+               size: tuple[int, int] = (30, 120)) -> tuple[int, str]:
+    """Run `cmd` with a pseudo-terminal (30x120 unless `size`) as stdout and stderr; (exit status, screen text)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", *size, 0, 0))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env)
     os.close(slave)
     chunks, deadline = [], time.time() + timeout
@@ -192,6 +193,17 @@ def test_train_draws_prepare_and_epoch_bars_and_a_summary(ray_session, env, tmp_
         lines[-1].startswith(f"run          {run}: model.keras"), text
     log = (run / "_emotion_ray_log_train.log").read_text()
     assert "RayTrainWorker" in log or "ray.train" in log, log[-3000:]
+
+
+@pytest.mark.fast
+def test_a_bar_draws_on_a_terminal_that_reports_no_size(tmp_path):
+    # `script`, some CI and container ttys report 0x0: tqdm would draw nothing, not even 100%.
+    code = ("from emotion_ray import console\nwith console.session('score'):\n"
+            "    for _ in console.progress(iterable=range(3), desc='scoring', unit='img'): pass\n")
+    status, text = run_in_pty([sys.executable, "-c", code], {**os.environ, "TMPDIR": str(tmp_path)}, 60, size=(0, 0))
+    assert status == 0, text
+    [bar] = [line for line in screen_lines(text) if line.startswith("scoring:")]
+    assert "100%" in bar and "3/3" in bar and len(bar) <= 80, text
 
 
 @pytest.mark.fast

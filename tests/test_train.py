@@ -199,7 +199,9 @@ def test_mlflow_run_says_where_it_came_from_what_it_trained_on_and_describes_its
     assert profile["split_rows"] == manifest["split_rows"] and profile["counts"] == manifest["counts"]
     assert {t.key: t.value for t in used.tags} == {"mlflow.data.context": "training"}
     assert tags["emotion_ray.dataset_manifest_sha256"] == sha
-    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    experiment_tags = client.get_experiment(run.info.experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment_tags["mlflow.note.content"].startswith("Image emotion classifier training")  # its description
 
     version = client.get_model_version("test_emotion", "1")
     for text in ("angry, happy, sad", "48x48", "`image` column", "`path` column", "`prob_happy`", accuracy, sha[:12]):
