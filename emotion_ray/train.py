@@ -182,9 +182,11 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
         raise ConfigError(f"cannot resume: no run at {run_dir}")
     backbone_weights = resolve_weights(cfg.model, cfg.storage)  # read (or downloaded) once, here
     init_ray()
+    # The run's folder gets the CLI's log now, before an image folder is prepared into it (its
+    # prepare keeps the log where it is). A folder left holding only the log is no run (above).
+    console.keep_log_in(run_dir)
     dataset_uri, manifest = resolve_dataset(cfg, run_dir)
     check_model_fits(cfg, manifest)
-    console.keep_log_in(run_dir)  # the run can start: its folder gets the CLI's log
 
     mlflow_run_id = None
     if cfg.mlflow.enabled:
