@@ -206,7 +206,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if cfg.min_confidence is not None:
         unsure = sum(r["label"] == UNCERTAIN for r in results)
         print(f"{unsure} of {len(results)} rows {UNCERTAIN} (top probability below {cfg.min_confidence:g})",
-              file=sys.stderr if args.json else out)
+              file=console.err() if args.json else out)
     if args.annotate:
         from emotion_ray.annotate import annotate
 

@@ -189,8 +189,9 @@ def test_train_draws_prepare_and_epoch_bars_and_a_summary(ray_session, env, tmp_
     assert re.search(r"decoding: +\d+%.*18/18", text) and re.search(r"training: +\d+%.*1/1 \[", text), text
     lines = screen_lines(text)
     assert lines[0].startswith(f"log: {run / '_emotion_ray_log_train.log'} ")
-    assert lines[-3].startswith(f"trained {run}: 1 epoch,") and lines[-2].startswith("test ") and \
-        lines[-1].startswith(f"run          {run}: model.keras"), text
+    assert lines[-4].startswith(f"trained {run}: 1 epoch,") and lines[-3].startswith("test ") and \
+        lines[-2].startswith(f"run          {run}: model.keras"), text
+    assert lines[-1].startswith(f"report       {run / 'report.html'}"), text
     log = (run / "_emotion_ray_log_train.log").read_text()
     assert "RayTrainWorker" in log or "ray.train" in log, log[-3000:]
 

@@ -60,8 +60,9 @@ def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_
     make_demo_dataset(tmp_path / "images", per_class=12, seed=2, canvas=48)
     prepare(PrepareConfig(inputs=[str(tmp_path / "images")], output=str(tmp_path / "ds"), image_size=32))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Two folds trained at once, one Train worker each: K-fold on 2 workers.
     cfg = CrossValidationConfig(data=str(tmp_path / "ds"), output=str(tmp_path / "cv"), folds=2, inner_parts=3,
-                                workers=2, epochs=1, batch_size=8, model={"dense_units": 16},
+                                workers=1, max_concurrent_trials=2, epochs=1, batch_size=8, model={"dense_units": 16},
                                 mlflow={"tracking_uri": uri, "experiment": "cv_test"})
     started = time.perf_counter()
     result = run_cross_validation(cfg)
