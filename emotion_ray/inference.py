@@ -5,9 +5,9 @@
 - `Predictor`: loads a bundle once (safe Keras zip only), checks its outputs once, and turns
   decoded Arrow batches (see sources.decode_table) into prediction rows.
 - Its forward pass runs in fixed-size padded batches, so a file's probabilities do not depend on
-  how many files share its batch: every caller gets the same numbers for a file, to float32's
-  last bit (a file's row within its batch can change a matrix product's rounding by 1 ulp:
-  a tail row of the kernel's blocking), so labels agree except at an exact tie.
+  how many files share its batch: a file at the same row of its batch gets bit-identical numbers
+  from every caller; at another row a matrix product may round float32's last bit differently
+  (a tail row of the kernel's blocking: 3e-8 measured), so labels agree except at an exact tie.
 - The run's fitted temperature (labels.json `temperature`, calibration.py; 1 when absent) is
   applied here and nowhere else, so every caller gets the same calibrated probabilities.
 """
