@@ -5,6 +5,7 @@ produced and where to look."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,17 @@ def mlflow_ui_command(tracking_uri: str) -> str:
     """How to look at a tracking store: the UI command for a database, else its address."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+    # The mlflow beside this Python: a venv's bin/ is not on PATH unless activated.
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    return f"{mlflow} ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
 
 
 def train_text(r: dict[str, Any], cfg) -> str:
     """train's summary (run_training's result) in a few lines; `cfg` is the TrainConfig."""
     epochs = f"{r['epochs_run']} epoch" + ("s" if r["epochs_run"] != 1 else "")
+    if r["epochs_run"] < cfg.epochs:  # the epochs bar stops short of its total: say why
+        epochs += (f" of {cfg.epochs} (early stopping: val_loss did not improve for "
+                   f"{cfg.early_stopping_patience} epochs)")
     lines = [f"trained {r['run_dir']}: {epochs}, the best (epoch {r['best_epoch']}) saved",
              f"  test         accuracy {r['categorical_accuracy']:.3f}, macro precision {r['macro_precision']:.3f}, "
              f"macro recall {r['macro_recall']:.3f} on {r['test_rows']} images",
@@ -131,7 +137,8 @@ def main(demo_dir: str) -> int:
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
           "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix,reliability}}.png")
-    print(f"MLflow UI    .venv/bin/mlflow ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000")
+    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
+    print(f"MLflow UI    {mlflow} ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000")
     print(f"             then open {_experiment_url(root / 'mlflow.db')}")
     return 0
 
