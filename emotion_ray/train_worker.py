@@ -41,35 +41,49 @@ def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffl
     """A tf.data pipeline of (uint8 images (B, size, size, 3), one-hot labels (B, classes))
     over this worker's Ray Data shard; re-iterated every epoch.
 
-    With `cache_rows`, the first epoch's rows are kept in memory and reshuffled every epoch:
-    on small data Ray Data's per-epoch start-up costs far more than the training itself.
+    With `cache_rows` (> 0: the shard fits in memory), the shard is read once, here, into two
+    tensors in host memory, and every epoch gathers its batches from them in a new random order:
+    on small data Ray Data's per-epoch start-up costs far more than the training itself. Without,
+    every epoch streams the shard from Ray Data (with a local shuffle buffer).
     """
     from ray.train.tensorflow import prepare_dataset_shard
 
     eye = np.eye(num_classes, dtype=np.float32)
 
-    def batches():
+    def batches(local_shuffle: bool):
         # Arrow batches: the images are a view of the column's buffer, not a per-row copy.
         for batch in shard.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",
-            local_shuffle_buffer_size=batch_size * 8 if shuffle else None,
+            local_shuffle_buffer_size=batch_size * 8 if local_shuffle else None,
             prefetch_batches=2,
         ):
             yield pixels_from_arrow(batch["image"], image_size), eye[batch["label_index"].to_numpy()]
 
-    ds = tf.data.Dataset.from_generator(
-        batches,
-        output_signature=(
-            tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
-            tf.TensorSpec((None, num_classes), tf.float32),
-        ),
-    )
     if cache_rows:
-        ds = ds.unbatch().cache()
+        # Not from_generator + cache(): a pipeline that starts in a Python generator trained the
+        # face recipe ~1.6x slower per image inside a Ray Train worker even once its cache was
+        # full (bench/RESULTS.md, train, the face recipe); indices into in-memory tensors do not.
+        parts = list(batches(False))
+        with tf.device("/cpu:0"):  # host memory: tf.data runs on the CPU
+            images = tf.constant(np.concatenate([p[0] for p in parts]) if parts else
+                                 np.zeros((0, image_size, image_size, 3), np.uint8))
+            labels = tf.constant(np.concatenate([p[1] for p in parts]) if parts else
+                                 np.zeros((0, num_classes), np.float32))
+        del parts
+        rows = int(images.shape[0])
+        ds = tf.data.Dataset.range(rows)
         if shuffle:
-            ds = ds.shuffle(cache_rows, reshuffle_each_iteration=True)
-        ds = ds.batch(batch_size)
+            ds = ds.shuffle(max(rows, 1), reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size).map(lambda i: (tf.gather(images, i), tf.gather(labels, i)))
+    else:
+        ds = tf.data.Dataset.from_generator(
+            lambda: batches(shuffle),
+            output_signature=(
+                tf.TensorSpec((None, image_size, image_size, 3), tf.uint8),
+                tf.TensorSpec((None, num_classes), tf.float32),
+            ),
+        )
     # Each worker already reads only its own shard: switch TF's auto-sharding off.
     return prepare_dataset_shard(ds)
 

@@ -146,7 +146,12 @@ def test_report_shows_the_most_confident_test_mistakes_and_where_the_model_looke
     explained = [by_path[c["data-path"]] for c in page.mistakes[:REPORT_CAMS]] or [0]
     maps = grad_cam(model, images[explained], probs[explained].argmax(1))
     assert maps.shape == (len(explained), 48, 48) and maps.min() >= 0 and maps.max() <= 1
-    assert all(m.max() == pytest.approx(1.0) and m.std() > 0.01 for m in maps)
+    # Each map is normalised to a peak of 1 and not flat, or all 0 where no region raises the
+    # class's logit (grad_cam's documented answer; a weak model trained for a few epochs gives
+    # it for some images: CI saw one). Where the evidence lands is test_explain's, on a model
+    # built to know the answer.
+    for m in maps:
+        assert (m.max() == 0) or (m.max() == pytest.approx(1.0) and m.std() > 0.01), (m.max(), m.std())
 
 
 def test_mlflow_run_holds_metrics_artifacts_and_registered_model(trained):
