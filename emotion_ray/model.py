@@ -273,6 +273,24 @@ def set_reused_trainable(model: keras.Model, trainable: bool) -> None:
         layer.trainable = trainable and layer.name not in FIXED_LAYERS
 
 
+def fit_batchnorm_momentum(model: keras.Model, steps_per_epoch: int) -> None:
+    """Set the momentum of every BatchNormalization layer of `model` (nested backbones included)
+    to min(0.99, 1 - 1 / steps_per_epoch), in place, before training.
+
+    The moving mean and variance that inference uses are an exponential average with a window of
+    about 1 / (1 - momentum) steps. At Keras' 0.99 that is 100 steps: a few hundred photos make
+    a handful of steps an epoch, and after a few epochs the statistics are still mostly their
+    initial values (0 and 1), so the model answers nearly the same class for every input at
+    inference while training accuracy rises. With the window at most one epoch, every epoch's
+    validation sees statistics of the current weights; large data keeps Keras' 0.99. A heuristic,
+    not a published method. `steps_per_epoch`: this worker's optimizer steps per epoch (>= 1).
+    """
+    momentum = min(0.99, 1.0 - 1.0 / max(1, steps_per_epoch))
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
 def class_weights(counts: dict[str, int], classes: list[str]) -> dict[int, float]:
     """Keras `class_weight` for `fit`, "balanced" as scikit-learn defines it: n / (k * count).
 

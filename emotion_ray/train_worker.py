@@ -216,6 +216,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             model = _initial_model(cfg, classes, image_size, loop_config.get("init_model"), state,
                                    loop_config["steps_per_epoch"], loop_config.get("backbone_weights"))
     state["starts"].append(state["epoch"])
+    # Before the first step is traced: the moving statistics then follow each epoch (small data).
+    model_lib.fit_batchnorm_momentum(model, loop_config["steps_per_epoch"])
 
     per_worker_batch = cfg.batch_size // world
     cache_rows = loop_config["cache_rows_per_worker"]

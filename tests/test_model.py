@@ -14,6 +14,7 @@ from emotion_ray.model import (
     class_weights,
     compile_for_training,
     compile_model,
+    fit_batchnorm_momentum,
     keras,
     load_model,
     save_model,
@@ -271,6 +272,35 @@ def _schedule(model):
 
 def _small_model():
     return build_model(ModelConfig(architecture="face_cnn", filter_multiplier=0.25), 3, 16)
+
+
+def test_batchnorm_statistics_follow_a_small_epoch():
+    """With 4 steps an epoch, the moving mean ends one epoch where an average of window 4 puts it
+    (momentum 0.75: 68 % of the way to the batches' mean), not 4 % of the way (Keras' 0.99); large
+    data keeps 0.99; BatchNorm inside a nested backbone is set too."""
+    model = _small_model()
+    fit_batchnorm_momentum(model, 4)
+    norms = [layer for layer in model.submodules if isinstance(layer, keras.layers.BatchNormalization)]
+    assert len(norms) == 4 and all(n.momentum == pytest.approx(0.75) for n in norms)
+    # Learning rate 0: the convolutions stay as built, so the first norm's input is known exactly.
+    model = compile_model(model, 0.0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(100, 256, (32, 16, 16, 3), dtype=np.uint8)
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 32)]
+    first = norms[0]
+    seen = keras.Model(model.inputs, first.input).predict(images, verbose=0)  # (32, 16, 16, C)
+    model.fit(images, labels, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    expected = np.zeros(seen.shape[-1])
+    for k in range(4):  # the exponential average over the epoch's 4 batch means, from 0
+        expected = 0.75 * expected + 0.25 * seen[8 * k : 8 * (k + 1)].mean(axis=(0, 1, 2))
+    assert np.abs(expected).max() > 0.01  # the test can tell 68 % from 4 %
+    np.testing.assert_allclose(first.moving_mean.numpy(), expected, rtol=1e-3, atol=1e-5)
+
+    fit_batchnorm_momentum(model, 1000)
+    assert all(n.momentum == pytest.approx(0.99) for n in norms)
+    outer = keras.Sequential([keras.Input((16, 16, 3), dtype="uint8"), _small_model()])
+    fit_batchnorm_momentum(outer, 2)
+    assert {n.momentum for n in outer.submodules if isinstance(n, keras.layers.BatchNormalization)} == {0.5}
 
 
 def test_compile_defaults_are_the_seeds_adam_without_smoothing():
