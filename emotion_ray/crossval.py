@@ -33,7 +33,7 @@ import numpy as np
 
 from emotion_ray import console, outputs, storage
 from emotion_ray.config import CrossValidationConfig, StorageConfig
-from emotion_ray.dataset import MANIFEST, SPLITS, is_prepared, manifest_sha256, read_manifest
+from emotion_ray.dataset import MANIFEST, SPLITS, is_prepared, manifest_sha256, read_manifest, read_shard
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.folds import FoldPlan, plan_folds, summarize
 
@@ -63,27 +63,12 @@ def _pool_files(manifest: dict[str, Any], pool: str) -> list[str]:
     return [rel for split in splits for rel in manifest["shards"].get(split, [])]
 
 
-def _read_shard(dataset_uri: str, rel: str, storage_cfg: StorageConfig, columns: list[str] | None = None):
-    import pyarrow.parquet as pq
-
-    uri = storage.join(dataset_uri, rel)
-    fs = storage.pyarrow_filesystem(uri, storage_cfg)
-    path = storage.strip_scheme(uri)
-    if columns is not None:
-        names = pq.read_schema(path, filesystem=fs).names
-        # Datasets from before the `group` column: exact copies (the same sha256) are the groups.
-        columns = [c if c in names else "content_hash" for c in columns]
-        table = pq.read_table(path, filesystem=fs, columns=columns)
-        return table.rename_columns(["group" if c == "content_hash" else c for c in table.column_names])
-    return pq.read_table(path, filesystem=fs)
-
-
 def read_pool(dataset_uri: str, manifest: dict[str, Any], pool: str, storage_cfg: StorageConfig):
     """(group keys, label indices) of every pool row, in _pool_files order (one read of two small
     columns; ConfigError when the pool is empty)."""
     keys, labels = [], []
     for rel in _pool_files(manifest, pool):
-        table = _read_shard(dataset_uri, rel, storage_cfg, ["group", "label_index"])
+        table = read_shard(dataset_uri, rel, storage_cfg, ["group", "label_index"])
         keys += table["group"].to_pylist()
         labels.append(table["label_index"].to_numpy())
     if not keys:
@@ -144,7 +129,7 @@ def write_fold_datasets(cfg: CrossValidationConfig, manifest: dict[str, Any], ke
     offset = 0
     try:
         for rel in _pool_files(manifest, cfg.pool):
-            table = _read_shard(cfg.data, rel, cfg.storage)
+            table = read_shard(cfg.data, rel, cfg.storage)
             schema = schema or table.schema
             table = table.select(schema.names).cast(schema)
             rows = slice(offset, offset + table.num_rows)
@@ -202,7 +187,8 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
     # its driver's token CPU, which a task could not fit in.
     evaluate = ray.remote(num_cpus=1 if cfg.use_gpu else EVAL_CPUS, num_gpus=1 if cfg.use_gpu else 0,
                           scheduling_strategy="DEFAULT")(evaluate_checkpoint)
-    out = ray.get(evaluate.remote(result.checkpoint, dataset_uri, cfg.storage, classes, image_size))
+    # A fold writes no report.html: no mistakes gathered, no Grad-CAM.
+    out = ray.get(evaluate.remote(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, explain=False))
     state, metrics = out["state"], out["metrics"]
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)

@@ -38,6 +38,24 @@ def manifest_sha256(dataset_uri: str, storage_cfg: StorageConfig | None = None) 
     return hashlib.sha256(storage.read_bytes(storage.join(dataset_uri, MANIFEST), storage_cfg)).hexdigest()
 
 
+def read_shard(dataset_uri: str, rel: str, storage_cfg: StorageConfig | None = None,
+               columns: list[str] | None = None):
+    """One shard of the dataset (`rel`: a path its manifest lists) as a pyarrow Table, read
+    directly (no Ray): all columns, or `columns`. Asking for `group` in a dataset from before that
+    column gives its `content_hash` under that name (exact copies, the same sha256, were the groups)."""
+    import pyarrow.parquet as pq
+
+    uri = storage.join(dataset_uri, rel)
+    fs = storage.pyarrow_filesystem(uri, storage_cfg)
+    path = storage.strip_scheme(uri)
+    if columns is None:
+        return pq.read_table(path, filesystem=fs)
+    names = pq.read_schema(path, filesystem=fs).names
+    columns = [c if c in names or c != "group" else "content_hash" for c in columns]
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    return table.rename_columns(["group" if c == "content_hash" else c for c in table.column_names])
+
+
 def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None,
                columns: tuple[str, ...] = ("image", "label_index")):
     """A Ray Dataset of one split's rows: `image` (binary, image_size² x 3 uint8 RGB) and

@@ -81,13 +81,14 @@ def _explained_mistakes(model, mistakes, cams: int) -> list[dict[str, Any]]:
 
 
 def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str],
-                        image_size: int) -> dict[str, Any]:
+                        image_size: int, explain: bool = True) -> dict[str, Any]:
     """Ray task: the best model's test metrics (metrics.classification_metrics), its
     temperature fitted on the validation split with the calibration figures on test
     (calibration.calibration_report: temperature, ece_before, ece_after, calibration), its
     file's bytes and the training state, and for report.html the test split's REPORT_MISTAKES
     most confident mistakes (explain.WorstMistakes; the first REPORT_CAMS with Grad-CAM maps,
-    see _explained_mistakes). A split the dataset lacks counts 0 rows (T = 1)."""
+    see _explained_mistakes; with `explain=False`, for a caller that writes no report, none:
+    `mistakes` is []). A split the dataset lacks counts 0 rows (T = 1)."""
     from emotion_ray.calibration import calibration_report, choose_temperature
     from emotion_ray.explain import WorstMistakes
     from emotion_ray.inference import ModelBundle, Predictor
@@ -104,14 +105,14 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     val_probs, val_labels = _split_probabilities(predictor, dataset_uri, "val", storage_cfg, image_size, len(classes))
     # T first: the report's worst mistakes are ranked by the calibrated confidence score would write.
     fitted = choose_temperature(val_probs, val_labels)
-    mistakes = WorstMistakes(REPORT_MISTAKES)
+    mistakes = WorstMistakes(REPORT_MISTAKES) if explain else None
     test_probs, test_labels = _split_probabilities(predictor, dataset_uri, "test", storage_cfg, image_size,
                                                    len(classes), mistakes, fitted[0])
     # A temperature never moves the argmax: these metrics hold for the calibrated model too.
     metrics = classification_metrics(confusion_matrix(test_labels, test_probs.argmax(axis=1), len(classes)), classes)
     metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels, fitted=fitted))
     return {"model_bytes": model_bytes, "state": state, "metrics": metrics,
-            "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS)}
+            "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS) if explain else []}
 
 
 def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, Any]) -> None:
