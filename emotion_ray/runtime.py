@@ -21,7 +21,11 @@ from typing import Any, Iterator
 # is set before TensorFlow is first imported in a process, so it must reach every Ray worker
 # before any code runs there: through the runtime environment, or by inheritance when
 # init_ray starts Ray itself (setting it inside the training function is too late).
-WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+# TF_ENABLE_ONEDNN_OPTS: TensorFlow 2.21 leaves its oneDNN CPU kernels off unless asked on
+# machines without its favoured instruction sets (the AVX2 development box); asked, training and
+# inference ran about twice as fast there (bench/RESULTS.md, oneDNN). Every process of a run
+# gets the same value, so predict, score and the MLflow model keep computing the same bits.
+WORKER_ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "1"}
 
 
 def setup_process() -> None:
