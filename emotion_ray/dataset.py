@@ -51,7 +51,7 @@ def read_shard(dataset_uri: str, rel: str, storage_cfg: StorageConfig | None = N
     if columns is None:
         return pq.read_table(path, filesystem=fs)
     names = pq.read_schema(path, filesystem=fs).names
-    columns = [c if c in names or c != "group" else "content_hash" for c in columns]
+    columns = ["content_hash" if c == "group" and c not in names else c for c in columns]
     table = pq.read_table(path, filesystem=fs, columns=columns)
     return table.rename_columns(["group" if c == "content_hash" else c for c in table.column_names])
 

@@ -40,13 +40,16 @@ def score_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _mlflow_executable() -> str:
+    """The mlflow beside this Python: a venv's bin/ is not on PATH unless activated."""
+    return os.path.join(os.path.dirname(sys.executable), "mlflow")
+
+
 def mlflow_ui_command(tracking_uri: str) -> str:
     """How to look at a tracking store: the UI command for a database, else its address."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    # The mlflow beside this Python: a venv's bin/ is not on PATH unless activated.
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    return f"{mlflow} ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
+    return f"{_mlflow_executable()} ui --backend-store-uri {tracking_uri}  (then http://127.0.0.1:5000)"
 
 
 def train_text(r: dict[str, Any], cfg) -> str:
@@ -137,8 +140,7 @@ def main(demo_dir: str) -> int:
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "
           "prob_<class>, model_id, width, height, error, scored_at")
     print(f"plots        {root / 'runs' / 'demo'}/{{loss,accuracy,confusion_matrix,reliability}}.png")
-    mlflow = os.path.join(os.path.dirname(sys.executable), "mlflow")
-    print(f"MLflow UI    {mlflow} ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000")
+    print(f"MLflow UI    {_mlflow_executable()} ui --backend-store-uri sqlite:///{root / 'mlflow.db'} --port 5000")
     print(f"             then open {_experiment_url(root / 'mlflow.db')}")
     return 0
 

@@ -64,12 +64,10 @@ def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffl
         # Not from_generator + cache(): a pipeline that starts in a Python generator trained the
         # face recipe ~1.6x slower per image inside a Ray Train worker even once its cache was
         # full (bench/RESULTS.md, train, the face recipe); indices into in-memory tensors do not.
-        parts = list(batches(False))
+        empty = (np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0, num_classes), np.float32))
+        parts = list(batches(False)) or [empty]
         with tf.device("/cpu:0"):  # host memory: tf.data runs on the CPU
-            images = tf.constant(np.concatenate([p[0] for p in parts]) if parts else
-                                 np.zeros((0, image_size, image_size, 3), np.uint8))
-            labels = tf.constant(np.concatenate([p[1] for p in parts]) if parts else
-                                 np.zeros((0, num_classes), np.float32))
+            images, labels = (tf.constant(np.concatenate(column)) for column in zip(*parts))
         del parts
         rows = int(images.shape[0])
         ds = tf.data.Dataset.range(rows)
