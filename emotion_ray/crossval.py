@@ -11,7 +11,7 @@ cross-validation exists for small data (hundreds of pictures), where K copies co
 Each fold is a Tune trial (`_fold_trial`, the Ray Train V2 pattern tune.py uses: a function that
 builds a TensorflowTrainer with train.build_trainer and fits it), K of them run at once as far as
 the cluster fits (tune.trial_concurrency). The trial then evaluates its best checkpoint with
-evaluate.evaluate_checkpoint (inference.Predictor; temperature fitted on the inner validation
+evaluate.evaluate_best (inference.Predictor; temperature fitted on the inner validation
 split, figures on the held-out fold) and writes `<output>/folds/fold_<k>/metrics.json` and
 `history.csv`. No fold model is exported or registered: they are measurements, not products.
 
@@ -44,9 +44,6 @@ TRAIN_RUNS = "train_runs"
 TUNE_DIR = "tune"
 WRITTEN = [FOLDS_DIR, TRAIN_RUNS, TUNE_DIR, RESULT]
 FOLD_METRICS, FOLD_HISTORY = "metrics.json", "history.csv"
-# The evaluation task's CPU reservation while other folds train: their workers leave one CPU to
-# Ray Data's read tasks (the evaluation's reads among them), so a whole CPU here could starve them.
-EVAL_CPUS = 0.01
 ASSIGNMENT = ("stratified group k-fold: whole groups (prepare's `group` column) dealt largest first (ties by "
               "the sha256 of the key) to the fold holding least of their classes relative to each class's total, "
               "then fewest rows; each fold's training groups dealt the same way into inner_parts parts, part 0 its "
@@ -160,13 +157,12 @@ def write_fold_datasets(cfg: CrossValidationConfig, manifest: dict[str, Any], ke
 
 def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -> None:
     """One fold as a Tune trial: train on its dataset (train.build_trainer), evaluate its best
-    checkpoint on the held-out fold (evaluate.evaluate_checkpoint), write the fold's metrics.json
+    checkpoint on the held-out fold (evaluate.evaluate_best), write the fold's metrics.json
     and history.csv, and track it as a child MLflow run."""
-    import ray
     import ray.tune
 
     from emotion_ray import tracking
-    from emotion_ray.evaluate import evaluate_checkpoint, history_csv
+    from emotion_ray.evaluate import evaluate_best, history_csv
     from emotion_ray.train import build_trainer
 
     setup, k = config["_setup"], config["fold"]
@@ -183,12 +179,8 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
     result = build_trainer(cfg, dataset_uri, manifest, cfg.run_name, run_id, backbone_weights=backbone_weights).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
-    # Outside the trial's placement group (as the trainer's own actors are): the trial reserves only
-    # its driver's token CPU, which a task could not fit in.
-    evaluate = ray.remote(num_cpus=1 if cfg.use_gpu else EVAL_CPUS, num_gpus=1 if cfg.use_gpu else 0,
-                          scheduling_strategy="DEFAULT")(evaluate_checkpoint)
     # A fold writes no report.html: no mistakes gathered, no Grad-CAM.
-    out = ray.get(evaluate.remote(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, explain=False))
+    out = evaluate_best(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, explain=False)
     state, metrics = out["state"], out["metrics"]
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)

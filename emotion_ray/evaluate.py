@@ -1,6 +1,6 @@
 """Evaluation: a run's best checkpoint -> test metrics, plots, the run directory and MLflow.
 
-`evaluate_checkpoint` runs as a Ray task (on a GPU when training had them) through the same
+`evaluate_checkpoint` runs (on a GPU task when training had GPUs: `evaluate_best`) through the same
 `inference.Predictor` as score and predict, over the whole validation and test splits (outside
 any strategy, so no row is dropped): it fits the temperature on val (calibration.py) and
 measures it on test, and keeps the test split's most confident mistakes with Grad-CAM maps of a
@@ -115,6 +115,21 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
             "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS) if explain else []}
 
 
+def evaluate_best(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str], image_size: int,
+                  use_gpu: bool, explain: bool = True) -> dict[str, Any]:
+    """evaluate_checkpoint's answer, computed where it costs least. After GPU training, as a Ray
+    task on one GPU (outside any Tune trial's placement group, as the trainer's own actors are).
+    Otherwise in this process: the driver (or Tune trial) that fitted the TensorflowTrainer has
+    TensorFlow loaded already, where a task would start a process and import it again, seconds
+    of every run (bench/RESULTS.md, run start-up)."""
+    if not use_gpu:
+        return evaluate_checkpoint(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain)
+    import ray
+
+    task = ray.remote(num_cpus=1, num_gpus=1, scheduling_strategy="DEFAULT")(evaluate_checkpoint)
+    return ray.get(task.remote(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain))
+
+
 def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, Any]) -> None:
     import matplotlib
 
@@ -188,11 +203,8 @@ def _reliability_plot(plt, path: str, metrics: dict[str, Any]) -> None:
 def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[str, Any], run_dir: str,
                mlflow_run_id: str | None) -> dict[str, Any]:
     """Evaluate the best model on the test split and write the run directory (and MLflow)."""
-    import ray
-
     classes, image_size = manifest["classes"], manifest["image_size"]
-    evaluate = ray.remote(num_cpus=1, num_gpus=1 if cfg.use_gpu else 0)(evaluate_checkpoint)
-    out = ray.get(evaluate.remote(checkpoint, dataset_uri, cfg.storage, classes, image_size))
+    out = evaluate_best(checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu)
     state, metrics = out["state"], out["metrics"]
     metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], best_val_loss=state["best_val_loss"],
                    training_starts=state["starts"])

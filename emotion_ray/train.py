@@ -122,6 +122,7 @@ def build_trainer(
 
     from emotion_ray.backbones import resolve_weights
     from emotion_ray.dataset import load_split
+    from emotion_ray.tf_backend import MultiWorkerTFConfig
 
     if backbone_weights is None:
         backbone_weights = resolve_weights(cfg.model, cfg.storage)
@@ -134,6 +135,7 @@ def build_trainer(
         resources["GPU"] = 1
     return TensorflowTrainer(
         _train_loop_on_worker,
+        tensorflow_config=MultiWorkerTFConfig(),  # spares Ray Train's controller a TensorFlow import
         train_loop_config={
             "train": cfg.model_dump(mode="json"),
             "classes": manifest["classes"],

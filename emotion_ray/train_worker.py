@@ -219,10 +219,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     per_worker_batch = cfg.batch_size // world
     cache_rows = loop_config["cache_rows_per_worker"]
-    train_ds = tf_dataset(ray.train.get_dataset_shard("train"), image_size, len(classes), per_worker_batch, True,
-                          cache_rows)
-    val_ds = tf_dataset(ray.train.get_dataset_shard("val"), image_size, len(classes), per_worker_batch, False,
-                        cache_rows)
+    # Both shards before either is read: each starts its own Ray Data coordinator process, and
+    # these then start side by side rather than one after the other.
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    train_ds = tf_dataset(train_shard, image_size, len(classes), per_worker_batch, True, cache_rows)
+    val_ds = tf_dataset(val_shard, image_size, len(classes), per_worker_batch, False, cache_rows)
 
     on_report = None
     if loop_config.get("mlflow_run_id"):
