@@ -42,6 +42,7 @@ bench: install
 	$(BIN)/python -m bench.score
 	$(BIN)/python -m bench.faces
 	$(BIN)/python -m bench.quality
+	$(BIN)/python -m bench.startup
 
 # What an MLflow user sees: the UI in headless Chromium (apt-get install chromium) on a small fresh
 # run; screenshots and result.json in bench/ui_check/. Not part of `make test`: CI has no browser.

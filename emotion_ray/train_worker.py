@@ -226,7 +226,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_ds = tf_dataset(val_shard, image_size, len(classes), per_worker_batch, False, cache_rows)
 
     on_report = None
-    if loop_config.get("mlflow_run_id"):
+    if loop_config.get("mlflow_run_id") and rank == 0:  # only the chief logs: MLflow costs others its import
         from emotion_ray import tracking
 
         def on_report(metrics: dict[str, float], epoch: int) -> None:
