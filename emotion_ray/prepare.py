@@ -33,7 +33,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from emotion_ray import __version__, console, groups, outputs, sources, storage
+from emotion_ray import __version__, console, groups, outputs, runtime, sources, storage
 from emotion_ray.config import PrepareConfig
 from emotion_ray.dataset import MANIFEST, SPLITS
 from emotion_ray.errors import ConfigError
@@ -301,8 +301,6 @@ def _pictures_by_faces(kept: pa.Table, rejects: pa.Table) -> dict[str, int]:
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Run the prepare stage; returns the manifest. The input trees are only ever read."""
-    from emotion_ray import runtime
-
     file_groups = read_group_file(cfg)  # a bad CSV fails before any listing or cluster work
     listing = list_labelled_files(cfg)
     cfg = cfg.model_copy(update={"classes": listing.classes})  # as found (or given), in label_index order
@@ -345,6 +343,7 @@ def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys, 
     # local shuffle buffer, so mix the order once here (seeded: prepare stays deterministic).
     random.Random(0).shuffle(listing.files)
     ds = sources.listing_dataset(pa.Table.from_pylist(listing.files), cfg.image_size)
+    runtime.share_resources_between_operators(ds)
     decode = dict(batch_format="pyarrow", batch_size=DECODE_BATCH,
                   fn_kwargs={"cfg": cfg.model_copy(update={"inputs": ["-"]}),  # the listing travels as data
                              "progress": progress},

@@ -138,6 +138,16 @@ def cap_inflight_bytes(dataset, max_bytes: int) -> None:
     options.resource_limits = options.resource_limits.copy(object_store_memory=max_bytes)
 
 
+def share_resources_between_operators(dataset) -> None:
+    """Let a dataset's operators share the cluster's CPUs as their work arrives.
+
+    By default Ray Data reserves part of the cluster for each operator of a pipeline; on a small
+    cluster prepare's decode stage then ran one task at a time while the CPU reserved for the
+    Parquet write waited for blocks (bench/RESULTS.md, prepare). The datasets derived from
+    `dataset` share its context, and so this setting."""
+    dataset.context.op_resource_reservation_enabled = False
+
+
 def bound_actor_wait(dataset, seconds: float) -> None:
     """Make a dataset's actor pool give up (GetTimeoutError) if its initial actors have not
     started within `seconds`: by default Ray waits forever for resources no node has."""

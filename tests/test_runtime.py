@@ -88,6 +88,15 @@ def test_bounded_actor_wait_and_inflight_cap_set_the_dataset_context(ray_session
     assert ds.context.execution_options.resource_limits.object_store_memory == 123 * 1024**2
 
 
+def test_shared_resources_reach_the_datasets_derived_from_one(ray_session):
+    ds = ray_session.data.range(4)
+    assert ds.context.op_resource_reservation_enabled  # Ray Data's default, which prepare turns off
+    runtime.share_resources_between_operators(ds)
+    derived = ds.map_batches(lambda b: b).materialize().map_batches(lambda b: b)
+    assert not derived.context.op_resource_reservation_enabled
+    assert ray_session.data.range(4).context.op_resource_reservation_enabled  # others keep the default
+
+
 @pytest.mark.fast
 def test_a_demand_fits_only_a_node_that_has_all_of_it():
     nodes = [{"CPU": 8, "memory": 16e9}, {"CPU": 2, "GPU": 1, "memory": 64e9}]
