@@ -1,6 +1,6 @@
 """Evaluation: a run's best checkpoint -> test metrics, plots, the run directory and MLflow.
 
-`evaluate_checkpoint` runs (on a GPU task when training had GPUs: `evaluate_best`) through the same
+`evaluate_checkpoint` runs (`evaluate_best`: in the training driver, or a GPU task after GPU training) through the same
 `inference.Predictor` as score and predict, over the whole validation and test splits (outside
 any strategy, so no row is dropped): it fits the temperature on val (calibration.py) and
 measures it on test, and keeps the test split's most confident mistakes with Grad-CAM maps of a

@@ -1,6 +1,6 @@
 """What the evaluation shows a person: the test split's worst mistakes and where the model looked.
 
-Runs in the evaluation Ray task (evaluate.py), which holds the model and streams the test
+Runs where evaluate.py evaluates (`evaluate_best`: the training driver, or a GPU task), which holds the model and streams the test
 pixels: `WorstMistakes` keeps the few most confident wrong answers as the batches pass (never
 the whole split's pixels), and `grad_cam` maps, for a handful of them, the picture regions
 behind a class score. report.py draws both; neither is needed for scoring.

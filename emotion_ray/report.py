@@ -4,7 +4,7 @@ Pure rendering on the driver (evaluate.export_run calls `write_report`): the fig
 directory already holds (loss.png, accuracy.png, confusion_matrix.png, reliability.png, drawn
 by evaluate._plots) are embedded as they are, beside the headline numbers, the dataset's counts
 and the test split's most confident mistakes with their Grad-CAM maps (explain.py, computed in
-the evaluation task). Every picture is a base64 PNG inside the page, so the one file opens
+the evaluation). Every picture is a base64 PNG inside the page, so the one file opens
 wherever it is: the run directory, MLflow's artifact view, an S3 console. No TensorFlow or Ray.
 """
 

@@ -6,7 +6,7 @@ actor, which only sets TF_CONFIG on the workers. That import costs the controlle
 CPU and hundreds of MB per run, on the critical path before the workers start (bench/RESULTS.md,
 run start-up). `MultiWorkerTFConfig` does what Ray's `_TensorflowBackend.on_start` does (Ray
 2.60) from this TensorFlow-free module. It is part of runtime.py's Ray-version review: its test
-is in tests/test_runtime.py.
+is tests/test_tf_backend.py.
 """
 
 from __future__ import annotations

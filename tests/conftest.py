@@ -121,6 +121,14 @@ def read_with_every_reader(folder: Path) -> dict[str, int]:
     }
 
 
+def ray_processes(kind: str) -> list:
+    """This test session's Ray processes whose command line names `kind` (e.g. RayTrainWorker,
+    TrainController): its Ray runs under this process; other Rays on the machine don't count."""
+    import psutil
+
+    return [p for p in psutil.Process().children(recursive=True) if kind in " ".join(p.cmdline())]
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

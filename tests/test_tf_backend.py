@@ -7,16 +7,12 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import psutil
 import pytest
 
 from emotion_ray.tf_backend import MultiWorkerTFConfig
+from tests.conftest import ray_processes
 
 pytestmark = pytest.mark.slow
-
-
-def _controllers() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if "TrainController" in " ".join(p.cmdline())]
 
 
 def test_workers_get_their_groups_tf_config_and_the_controller_never_loads_tensorflow(ray_session, tmp_path):
@@ -40,10 +36,10 @@ def test_workers_get_their_groups_tf_config_and_the_controller_never_loads_tenso
                                 run_config=ray.train.RunConfig(name="tf_config", storage_path=str(tmp_path)))
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(trainer.fit)
-        while not _controllers():
+        while not ray_processes("TrainController"):
             assert not future.done(), future.result()
             time.sleep(0.1)
-        [controller] = _controllers()
+        [controller] = ray_processes("TrainController")
         time.sleep(1)  # its set-up (the backend's on_start among it) done
         libraries = {m.path for m in controller.memory_maps()}
         result = future.result(timeout=300)

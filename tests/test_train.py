@@ -11,12 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import psutil
 import pytest
 
 from emotion_ray.config import ConfigError, TrainConfig
 from emotion_ray.train import run_training
-from tests.conftest import run_on_declared_gpus
+from tests.conftest import ray_processes, run_on_declared_gpus
 
 pytestmark = pytest.mark.slow
 # Measured on this 2-core machine: 0.85-1.0 test accuracy on the 48px demo set. Chance is 1/3;
@@ -228,9 +227,7 @@ def _registered_checkpoints(run_dir: Path) -> list:
 
 
 def _train_worker_pids() -> list[int]:
-    """This test session's Train workers (its Ray runs under this process; other Rays on the machine don't count)."""
-    return [proc.pid for proc in psutil.Process().children(recursive=True)
-            if "RayTrainWorker" in " ".join(proc.cmdline())]
+    return [proc.pid for proc in ray_processes("RayTrainWorker")]
 
 
 def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(trained):
