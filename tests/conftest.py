@@ -6,7 +6,6 @@ they only ever reach the moto server the tests start on 127.0.0.1.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -132,34 +131,3 @@ def ray_processes(kind: str) -> list:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-DECLARED_GPUS_SCRIPT = """
-import json, threading, time
-import ray
-from emotion_ray.runtime import WORKER_ENV
-ray.init(num_cpus=3, num_gpus=2, runtime_env={"env_vars": WORKER_ENV}, include_dashboard=False)
-free_gpus, done = [], threading.Event()
-def watch():
-    while not done.is_set():
-        free_gpus.append(ray.available_resources().get("GPU", 0))
-        time.sleep(0.05)
-watcher = threading.Thread(target=watch)
-watcher.start()
-<BODY>
-done.set()
-watcher.join()
-print("RESULT " + json.dumps({"summary": summary, "fewest_free_gpus": min(free_gpus)}, default=str))
-"""
-
-
-def run_on_declared_gpus(body: str, timeout: float) -> tuple[dict, float]:
-    """Run `body` (Python that sets `summary`) in a fresh process, on a private Ray that declares
-    two GPUs: TensorFlow finds none there and runs on the CPU, but Ray places GPU work exactly
-    as on a GPU node. Returns `summary` and the fewest GPUs free at any moment of the run."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([sys.executable, "-c", DECLARED_GPUS_SCRIPT.replace("<BODY>", body)], env=env,
-                         capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, res.stderr[-3000:]
-    result = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
-    return result["summary"], result["fewest_free_gpus"]

@@ -176,13 +176,25 @@ def test_score_draws_a_bar_and_a_summary_and_logs_ray(ray_session, model_dir, fa
     assert json.loads(res.stdout)["already_scored"] == 12
 
 
-def test_train_draws_prepare_and_epoch_bars_and_a_summary(ray_session, env, tmp_path):
+def test_train_from_an_image_folder_draws_bars_and_keeps_a_frozen_backbone_from_a_file(ray_session, env, tmp_path):
+    """`emotion-ray train` on an image folder, as a person runs it: prepare and epoch bars, then the
+    summary. The run (one of the suite's costliest things) also carries the on-the-fly checks: the
+    folder is prepared into the run, the backbone weights file the driver read reaches the worker (as
+    bytes in its loop config), and with freeze_epochs the backbone comes out exactly as it went in."""
+    import numpy as np
+
+    from emotion_ray.model import keras, load_model
+
     images = tmp_path / "images"
     make_demo_dataset(images, per_class=6, seed=5, canvas=48)  # 11 train, 5 val, 2 test
+    source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
+    source.save_weights(str(tmp_path / "v3.h5"))
     env = {**env, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
     code, text = run_in_pty([*CLI, "train", "--data", str(images), "--output", str(tmp_path / "runs"), "--run-name",
                              "r", "--workers", "1", "--epochs", "1", "--batch-size", "8", "--image-size", "32",
-                             "--no-mlflow"], env)
+                             "--no-mlflow", "--set", "model.architecture=mobilenet_v3_small", "--set", "model.grey=true",
+                             "--set", "model.freeze_epochs=1", "--set", f"model.backbone_weights={tmp_path / 'v3.h5'}"],
+                            env)
     assert code == 0, text
     assert_quiet(text)
     run = tmp_path / "runs" / "r"
@@ -194,6 +206,13 @@ def test_train_draws_prepare_and_epoch_bars_and_a_summary(ray_session, env, tmp_
     assert lines[-1].startswith(f"report       {run / 'report.html'}"), text
     log = (run / "_emotion_ray_log_train.log").read_text()
     assert "RayTrainWorker" in log or "ray.train" in log, log[-3000:]
+
+    assert (run / "dataset" / "manifest.json").exists()
+    saved = load_model(str(run / "model.keras"))
+    trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
+    assert len(trained.weights) == len(source.weights) > 100
+    for a, b in zip(source.get_weights(), trained.get_weights()):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.fast

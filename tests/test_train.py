@@ -1,4 +1,5 @@
-"""Distributed training on 2 CPU workers: accuracy, fault tolerance, resume, run directory, MLflow, GPU placement."""
+"""Distributed training on 2 CPU workers: accuracy, fault tolerance, resume, run directory, MLflow.
+(GPU placement: tests/test_jobs.py, on a head that declares GPUs.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from emotion_ray.config import ConfigError, TrainConfig
 from emotion_ray.train import run_training
-from tests.conftest import ray_processes, run_on_declared_gpus
+from tests.conftest import ray_processes
 
 pytestmark = pytest.mark.slow
 # Measured on this 2-core machine: 0.85-1.0 test accuracy on the 48px demo set. Chance is 1/3;
@@ -236,53 +237,6 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(traine
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 1, starts  # resumed, not restarted
     history = pd.read_csv(run_dir / "history.csv")
     assert list(history["epoch"]) == list(range(1, result["epochs_run"] + 1))  # no epoch lost or doubled
-
-
-def test_training_prepares_an_image_folder_on_the_fly_with_a_backbone_from_a_file(ray_session, tmp_path):
-    """An image folder as `data` is prepared into the run; with a pretrained backbone the weights
-    file the driver read reaches the worker (as bytes in its loop config, as every worker's), and
-    with freeze_epochs the backbone (the reused part) comes out exactly as it went in."""
-    from emotion_ray.demo import make_demo_dataset
-    from emotion_ray.model import keras, load_model
-
-    images = tmp_path / "imgs"
-    make_demo_dataset(images, per_class=15, seed=4, canvas=48)
-    source = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), include_top=False, weights=None)
-    source.save_weights(str(tmp_path / "v3.h5"))
-    model = {"architecture": "mobilenet_v3_small", "grey": True, "freeze_epochs": 1,
-             "backbone_weights": str(tmp_path / "v3.h5")}
-    result = run_training(TrainConfig(data=str(images), output=str(tmp_path / "runs"), run_name="fly", workers=1,
-                                      epochs=1, batch_size=8, image_size=32, model=model, mlflow={"enabled": False}))
-    assert (Path(result["run_dir"]) / "dataset" / "manifest.json").exists()
-    saved = load_model(str(Path(result["run_dir"]) / "model.keras"))
-    trained = next(layer for layer in saved.layers if layer.name.startswith("MobilenetV3"))
-    assert len(trained.weights) == len(source.weights) > 100
-    for a, b in zip(source.get_weights(), trained.get_weights()):
-        np.testing.assert_array_equal(a, b)
-
-
-def test_gpu_workers_train_evaluate_and_score(prepared_demo, tmp_path):
-    """The GPU path on declared GPUs, in one private Ray: Train places one GPU per worker and the
-    test evaluation asks for one, as on a GPU node; then `score` with use_gpu starts one predictor
-    per GPU. Both GPUs must be held while it trains, and again while it scores."""
-    summary, _ = run_on_declared_gpus(f"""
-from emotion_ray.config import ScoreConfig, TrainConfig
-from emotion_ray.demo import make_demo_dataset
-from emotion_ray.score import score
-from emotion_ray.train import run_training
-trained = run_training(TrainConfig(data={str(prepared_demo)!r}, output={str(tmp_path)!r}, run_name="gpu",
-                                   workers=2, use_gpu=True, epochs=1, batch_size=16, mlflow={{"enabled": False}}))
-training_free_gpus = min(free_gpus)
-scoring_from = len(free_gpus)
-make_demo_dataset({str(tmp_path / "to_score")!r}, per_class=4, seed=3, canvas=64)
-scored = score(ScoreConfig(model={str(tmp_path / "gpu")!r}, inputs=[{str(tmp_path / "to_score")!r}],
-                           output={str(tmp_path / "scores")!r}, use_gpu=True), show_progress=False)
-summary = {{"trained": trained, "training_free_gpus": training_free_gpus, "scored": scored,
-            "scoring_free_gpus": min(free_gpus[scoring_from:])}}
-""", timeout=600)
-    assert summary["trained"]["test_rows"] > 0 and summary["training_free_gpus"] == 0
-    assert (tmp_path / "gpu" / "model.keras").exists()
-    assert summary["scored"]["rows"] == 12 and summary["scoring_free_gpus"] == 0
 
 
 @pytest.mark.fast
