@@ -169,7 +169,8 @@ def test_the_seed_notebooks_folder_layout_prepares_with_no_flags(ray_session, tm
     for name in ("angry", "happy", "sad"):
         (root / name).rename(root / name.capitalize())  # Angry/, Happy/, Sad/ as the seed shipped them
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "prepare", "--input", str(root), "--output",
-                          str(tmp_path / "ds"), "--image-size", "16"], capture_output=True, text=True, timeout=600)
+                          str(tmp_path / "ds"), "--image-size", "16"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address})
     assert res.returncode == 0, res.stderr[-2000:]
     assert read_manifest(str(tmp_path / "ds"))["classes"] == ["Angry", "Happy", "Sad"]
 

@@ -103,7 +103,9 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     cmd = [sys.executable, "-m", "emotion_ray.cli", "tune", "--config", str(SMOKE),
            "--set", f"data={prepared_demo}", "--set", f"output={tmp_path}",
            "--set", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-           "--set", "num_samples=2"]  # one finished trial and one pending when the driver is killed
+           # One finished trial and one pending when the driver is killed; one epoch a trial: its
+           # first checkpoint is its last, so the kill never waits on an epoch nothing asserts on.
+           "--set", "num_samples=2", "--set", "base.epochs=1"]
     experiment = tmp_path / "smoke"
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
