@@ -11,7 +11,7 @@ import copy
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -176,12 +176,18 @@ BACKBONE_ARCHITECTURES = ("mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0
 MIN_IMAGE_SIZE = {"face_cnn": 16, **{name: 32 for name in BACKBONE_ARCHITECTURES}}
 
 
+ConvsInStage = Annotated[int, Field(ge=1, le=4)]
+
+
 class ModelConfig(StrictModel):
     architecture: Literal["seed_cnn", "wide_cnn", "face_cnn", "mobilenet_v2", "mobilenet_v3_small",
                           "efficientnet_b0"] = "seed_cnn"
     dense_units: int = Field(256, ge=8, description="Hidden Dense layer of the head (face_cnn and the backbones "
                              "have none).")
     filter_multiplier: float = Field(1.0, gt=0, le=8)
+    convs_per_stage: tuple[ConvsInStage, ConvsInStage, ConvsInStage, ConvsInStage] = Field(
+        (1, 1, 1, 1), description="face_cnn: 3x3 convolutions in each of its four stages (48, 24, 12 and 6 px at "
+        "48 px input). A second one in the last two stages adds depth where it costs least.")
     dropout: float = Field(0.0, ge=0, lt=1)
     augmentation: AugmentationConfig = Field(default_factory=AugmentationConfig)
     backbone_weights: str | None = Field(

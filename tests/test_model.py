@@ -216,6 +216,16 @@ def test_face_cnn_takes_uint8_rgb_and_is_small(size):
     assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
 
+def test_face_cnn_stages_take_the_convolutions_asked_for():
+    """The face recipe's (1, 1, 2, 2): a second 3x3 convolution where the maps are 12 and 6 px."""
+    model = build_model(ModelConfig(architecture="face_cnn", convs_per_stage=(1, 1, 2, 2)), 3, 48)
+    convs = [(layer.output_shape[1], layer.filters) for layer in model.layers if type(layer).__name__ == "Conv2D"]
+    assert convs == [(48, 32), (24, 64), (12, 128), (12, 128), (6, 256), (6, 256)]
+    assert model.count_params() == 1_128_870
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ModelConfig(convs_per_stage=(1, 0, 1, 1))
+
+
 def test_face_cnn_sees_a_colour_image_as_its_grey_version():
     model = build_model(ModelConfig(architecture="face_cnn"), 3, 48)
     grey_layer = model.get_layer("grey")
