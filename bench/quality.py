@@ -9,6 +9,8 @@
     own virtual environment (BENCH_DIR/peer-venv, created here when missing; never a project
     dependency) and runs as a subprocess (bench/quality_peer.py) that prints JSON. Its metrics
     are computed with the product's own `metrics.classification_metrics`.
+(a') the same run's best model evaluated again with test-time flip averaging switched the other way
+    (model.test_time_flip; the recipe has it on): what the flip adds.
 (c) small data: the first 100 files (sorted) of each class of FER2013 val/, 80 to train/ and
     20 to val/, with FER2013 test/ as test/ (file symlinks: prepare follows those, not folder
     links). Trained (1) from scratch with the recipe and (2) with `model.init_from` = the run of
@@ -114,6 +116,27 @@ def summary(run_dir: str, wall: float | None) -> dict:
     }
 
 
+def reevaluated(run_dir: str, dataset: str, test_time_flip: bool) -> dict:
+    """The run's best model scored on test/ again by the product's evaluation (evaluate_checkpoint,
+    from its last checkpoint), with test-time flip averaging on or off: the flip's share of (a)."""
+    from ray.train import Checkpoint
+
+    from emotion_ray.config import StorageConfig
+    from emotion_ray.evaluate import evaluate_checkpoint
+    from emotion_ray.runtime import init_ray
+
+    init_ray()
+    manifest = read_manifest(dataset)
+    last = sorted(Path(run_dir).glob("checkpoint_*"))[-1]  # named by time; holds the best model so far
+    start = time.perf_counter()
+    metrics = evaluate_checkpoint(Checkpoint(str(last)), dataset, StorageConfig(), manifest["classes"],
+                                  manifest["image_size"], explain=False, test_time_flip=test_time_flip)["metrics"]
+    return {"test_time_flip": test_time_flip, "accuracy": round(metrics["categorical_accuracy"], 4),
+            "macro_f1": round(metrics["macro_f1"], 4),
+            "recall": {c: round(v["recall"], 4) for c, v in metrics["per_class"].items()},
+            "wall_seconds": round(time.perf_counter() - start, 1)}
+
+
 def peer_python() -> Path:
     """The bench's own venv with fer (no deps) and what its emotion model needs; made once."""
     python = PEER_VENV / "bin" / "python"
@@ -192,6 +215,9 @@ def main() -> None:
     else:
         full = train(full_data, f"full_{stamp}", args.epochs)
     print("full:", json.dumps(full), flush=True)
+    flipped_in_run = load_config(TrainConfig, str(RECIPE), {"data": full_data}).model.test_time_flip
+    flip_ablation = reevaluated(full["run_dir"], full_data, not flipped_in_run)
+    print("flip ablation:", json.dumps(flip_ablation), flush=True)
 
     small_data = prepared("small_48", small_tree())
     small_manifest = read_manifest(small_data)
@@ -209,6 +235,8 @@ def main() -> None:
     print("| | accuracy | macro-F1 | recall | wall time |\n| --- | --- | --- | --- | --- |")
     full_wall = f"{full['wall_seconds']} s ({full['epochs_run']} epochs)" if full["wall_seconds"] else "reused"
     print(row(f"(a) recipe, FER2013 train/ ({args.epochs} epochs max)", full, full_wall))
+    print(row(f"(a) the same model, test-time flip {'on' if flip_ablation['test_time_flip'] else 'off'}",
+              flip_ablation, f"{flip_ablation['wall_seconds']} s (evaluation)"))
     print(row("(b) fer, emotion_model.hdf5", peer["hdf5"], f"{peer['hdf5']['seconds']} s"))
     print(row("(b) fer, quantized tflite (FER() default)", peer["tflite"], f"{peer['tflite']['seconds']} s"))
     print(row("(c1) 240 train images, from scratch", scratch, f"{scratch['wall_seconds']} s"))
@@ -219,7 +247,7 @@ def main() -> None:
         "epochs": args.epochs, "small_epochs": args.small_epochs, "prepare_seconds": round(prepare_s, 1),
         "split_rows": manifest["split_rows"], "duplicates": manifest["duplicates"],
         "small_split_rows": small_manifest["split_rows"],
-        "full": full, "peer": peer, "small_scratch": scratch, "small_init_from": transfer,
+        "full": full, "flip_ablation": flip_ablation, "peer": peer, "small_scratch": scratch, "small_init_from": transfer,
         "init_from_gain": round(gain, 4), "targets": {"full": TARGET_FULL, "peer_readme": 0.793,
                                                       "init_from": TARGET_INIT, "gain": TARGET_GAIN},
         "met": met,

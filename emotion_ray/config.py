@@ -209,6 +209,10 @@ class ModelConfig(StrictModel):
     fine_tune_learning_rate: float | None = Field(
         None, gt=0, lt=1, description="With init_from or a pretrained backbone: the learning rate while the reused "
         "layers train. Unset: a tenth of learning_rate (large steps would undo what they learned).")
+    test_time_flip: bool = Field(
+        False, description="Test-time augmentation: every prediction (test evaluation, score, predict, the MLflow "
+        "model) averages the probabilities of the image and its mirror image, for twice the inference compute. "
+        "Recorded in labels.json; for models trained with flip augmentation.")
 
     @field_validator("backbone_weights")
     @classmethod

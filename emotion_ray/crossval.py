@@ -180,7 +180,8 @@ def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -
     if result.checkpoint is None:
         raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
     # A fold writes no report.html: no mistakes gathered, no Grad-CAM.
-    out = evaluate_best(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, explain=False)
+    out = evaluate_best(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, explain=False,
+                        test_time_flip=cfg.model.test_time_flip)
     state, metrics = out["state"], out["metrics"]
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)

@@ -9,7 +9,8 @@
   from every caller; at another row a matrix product may round float32's last bit differently
   (a tail row of the kernel's blocking: 3e-8 measured), so labels agree except at an exact tie.
 - The run's fitted temperature (labels.json `temperature`, calibration.py; 1 when absent) is
-  applied here and nowhere else, so every caller gets the same calibrated probabilities.
+  applied here and nowhere else, so every caller gets the same calibrated probabilities; so is
+  test-time flip averaging (labels.json `test_time_flip`, `forward_pass`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class ModelBundle:
     model_id: str  # the model's URI and content hash, written into every prediction row
     faces: dict | None = None  # the face preprocessing the model was trained with (labels.json), if any
     temperature: float = 1.0  # fitted on the validation split (labels.json); 1: the raw softmax
+    test_time_flip: bool = False  # average with the mirror image's probabilities (labels.json)
 
     def face_config(self, asked):
         """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
@@ -98,7 +100,7 @@ def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
     if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ConfigError(f"model {model_id}: labels.json temperature {temperature!r} is not a positive number")
     return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"),
-                       float(temperature))
+                       float(temperature), bool(labels.get("test_time_flip", False)))
 
 
 def share_gpus() -> None:
@@ -117,9 +119,13 @@ def share_gpus() -> None:
             pass
 
 
-def forward_pass(model):
-    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images -> probabilities.
+def forward_pass(model, test_time_flip: bool = False):
+    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images (N, H, W, 3) ->
+    probabilities (N, classes).
 
+    With `test_time_flip`, the mean of the probabilities of each image and of its mirror image
+    (left-right; test-time augmentation, as in Krizhevsky et al. 2012's ten-crop averaging): the
+    answer is then the same for an image and its mirror, at twice the compute.
     Used rather than `predict_on_batch`, which re-enters Keras' predict machinery each call;
     the outputs are identical and it is faster (bench/RESULTS.md, score). The batch dimension
     is left open, so one trace serves every batch size.
@@ -127,7 +133,16 @@ def forward_pass(model):
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
-    return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    if not test_time_flip:
+        return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+
+    def averaged(images):
+        # One batch of both: the same kernels (and float32 rounding) for an image and its mirror.
+        both = model(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
+        original, mirrored = tf.split(both, 2, axis=0)
+        return (original + mirrored) / 2
+
+    return tf.function(averaged, input_signature=[spec])
 
 
 def _check_outputs(probe: np.ndarray, classes: list[str], model_id: str) -> None:
@@ -160,7 +175,7 @@ class Predictor:
             bundle = ray.get(bundle)
         share_gpus()
         self.model = load_model_bytes(bundle.model_bytes)
-        self.forward = forward_pass(self.model)
+        self.forward = forward_pass(self.model, bundle.test_time_flip)
         self.bundle = bundle
         self.batch_size = batch_size
         if min_confidence is not None and UNCERTAIN in bundle.classes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -307,6 +308,22 @@ def test_predict_gives_exactly_the_scores_probabilities_and_abstentions(ray_sess
         assert max(calibrated) < r["confidence"]  # T > 1: softer than the raw softmax
 
 
+def test_test_time_flip_answers_the_same_for_an_image_and_its_mirror(model_dir):
+    """labels.json test_time_flip: the mean of the probabilities of the image and of its mirror."""
+    from emotion_ray.calibration import apply_temperature
+    from emotion_ray.inference import Predictor, resolve_model
+
+    bundle = resolve_model(str(model_dir), StorageConfig(), "")
+    plain = Predictor(bundle, batch_size=4)
+    flipped = Predictor(dataclasses.replace(bundle, test_time_flip=True), batch_size=4)
+    images = np.random.default_rng(5).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    mirrors = images[:, :, ::-1]
+    assert not np.allclose(plain.probabilities(images), plain.probabilities(mirrors), atol=1e-3)  # a real test
+    np.testing.assert_allclose(flipped.probabilities(images), flipped.probabilities(mirrors), rtol=0, atol=1e-6)
+    raw = (plain.forward(images).numpy() + plain.forward(mirrors).numpy()) / 2
+    np.testing.assert_allclose(flipped.probabilities(images), apply_temperature(raw, TEMPERATURE), rtol=1e-5)
+
+
 def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
     image = str(sorted((images_with_bad_files / "sad").glob("sad_*"))[0])
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", image, "--model", str(model_dir),
@@ -359,6 +376,9 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
     run_id = tracking.start_run(mcfg, "r", {"a": 1})
     export = tmp_path / "export"
     shutil.copytree(model_dir, export)
+    # With test-time flip averaging on, as the face recipe's runs have it: every path averages the same way.
+    labels = json.loads((export / "labels.json").read_text())
+    (export / "labels.json").write_text(json.dumps({**labels, "test_time_flip": True}))
     assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
     assert list((tmp_path / "mlartifacts" / "score-tests").rglob("model.keras")), "artifacts belong beside the db"
     images = sorted(str(p) for p in (images_with_bad_files / "angry").glob("angry_*"))[:3]
