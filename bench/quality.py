@@ -127,7 +127,7 @@ def reevaluated(run_dir: str, dataset: str, test_time_flip: bool) -> dict:
 
     init_ray()
     manifest = read_manifest(dataset)
-    last = sorted(Path(run_dir).glob("checkpoint_*"))[-1]  # named by time; holds the best model so far
+    last = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]  # named by time; holds the best model
     start = time.perf_counter()
     metrics = evaluate_checkpoint(Checkpoint(str(last)), dataset, StorageConfig(), manifest["classes"],
                                   manifest["image_size"], explain=False, test_time_flip=test_time_flip)["metrics"]
