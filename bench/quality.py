@@ -127,7 +127,8 @@ def reevaluated(run_dir: str, dataset: str, test_time_flip: bool) -> dict:
 
     init_ray()
     manifest = read_manifest(dataset)
-    last = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())[-1]  # named by time; holds the best model
+    # Checkpoint folders are named by time; the last holds the best model (the manager's snapshot is a file).
+    last = max(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
     start = time.perf_counter()
     metrics = evaluate_checkpoint(Checkpoint(str(last)), dataset, StorageConfig(), manifest["classes"],
                                   manifest["image_size"], explain=False, test_time_flip=test_time_flip)["metrics"]
@@ -215,7 +216,8 @@ def main() -> None:
     else:
         full = train(full_data, f"full_{stamp}", args.epochs)
     print("full:", json.dumps(full), flush=True)
-    flipped_in_run = load_config(TrainConfig, str(RECIPE), {"data": full_data}).model.test_time_flip
+    # What the run itself was evaluated with (its labels.json): a reused run may predate the recipe.
+    flipped_in_run = json.loads(Path(full["run_dir"], "labels.json").read_text()).get("test_time_flip", False)
     flip_ablation = reevaluated(full["run_dir"], full_data, not flipped_in_run)
     print("flip ablation:", json.dumps(flip_ablation), flush=True)
 

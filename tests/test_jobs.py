@@ -125,8 +125,8 @@ def test_prepare_train_score_on_gpus_via_ray_job_submit_all_on_s3(ray_head, s3_e
     assert json.loads(fs.cat_file(f"{s3_bucket}/dataset/manifest.json"))["rows"] == 60
 
     submit(address, env, "jobs/train.py", "--data", f"{base}/dataset", "--output", f"{base}/runs", "--run-name", "job",
-           "--workers", "2", "--use-gpu", "--epochs", "1", "--batch-size", "16", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-           *endpoint)
+           "--workers", "2", "--use-gpu", "--epochs", "1", "--batch-size", "16",
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *endpoint)
     names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/runs/job")}
     assert {"model.keras", "labels.json", "metrics.json", "history.csv", "loss.png"} <= names
     assert any(n.startswith("checkpoint_") for n in names), names

@@ -255,8 +255,8 @@ def test_worker_cpu_reservation(cluster_cpus, workers, use_gpu, groups, reserved
 
 def test_init_from_reuses_a_run_for_other_classes_on_two_workers_and_resumes(trained, demo_images, tmp_path):
     """Transfer learning: the trained run's layers and its sad/happy classifier rows, frozen for an
-    epoch, then fine-tuned; stopped after the frozen epoch and resumed across the switch (the resume test for every run:
-    a stopped run continues where it stopped)."""
+    epoch, then fine-tuned; stopped after the frozen epoch and resumed across the switch (the resume
+    test for every run: a stopped run continues where it stopped)."""
     from emotion_ray.config import PrepareConfig
     from emotion_ray.prepare import prepare
 
