@@ -8,7 +8,7 @@ fold), so every fold trains and is evaluated exactly as `emotion-ray train` woul
 (`emotion-ray train --data <output>/folds/fold_1/dataset` re-runs one). The rows are copied:
 cross-validation exists for small data (hundreds of pictures), where K copies cost little.
 
-Each fold is a Tune trial (`_fold_trial`, the Ray Train V2 pattern tune.py uses: a function that
+Each fold is a Tune trial (`trials.fold_trial`, the Ray Train V2 pattern tune.py uses: a function that
 builds a TensorflowTrainer with train.build_trainer and fits it), K of them run at once as far as
 the cluster fits (tune.trial_concurrency). The trial then evaluates its best checkpoint with
 evaluate.evaluate_best (inference.Predictor; temperature fitted on the inner validation
@@ -155,54 +155,6 @@ def write_fold_datasets(cfg: CrossValidationConfig, manifest: dict[str, Any], ke
     return list(zip(uris, manifests))
 
 
-def _fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -> None:
-    """One fold as a Tune trial: train on its dataset (train.build_trainer), evaluate its best
-    checkpoint on the held-out fold (evaluate.evaluate_best), write the fold's metrics.json
-    and history.csv, and track it as a child MLflow run."""
-    import ray.tune
-
-    from emotion_ray import tracking
-    from emotion_ray.evaluate import evaluate_best, history_csv
-    from emotion_ray.train import build_trainer
-
-    setup, k = config["_setup"], config["fold"]
-    cv = CrossValidationConfig.model_validate(setup["cv"])
-    dataset_uri, manifest = setup["datasets"][k]
-    cfg = cv.fold_train_config(k, dataset_uri, storage.join(cv.output, TRAIN_RUNS))
-    classes, image_size = manifest["classes"], manifest["image_size"]
-    run_id = None
-    if cv.mlflow.enabled:
-        run_id = tracking.start_run(cv.mlflow, f"{setup['name']}_fold_{k}",
-                                    {**cfg.model_dump(mode="json"), "cv": {"fold": k, "folds": cv.folds}},
-                                    parent_run_id=setup["parent_run_id"], source=setup["source_tags"])
-        tracking.record_training_run(cfg, run_id, cfg.run_name, dataset_uri, manifest)
-    result = build_trainer(cfg, dataset_uri, manifest, cfg.run_name, run_id, backbone_weights=backbone_weights).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
-    # A fold writes no report.html: no mistakes gathered, no Grad-CAM.
-    out = evaluate_best(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, explain=False,
-                        test_time_flip=cfg.model.test_time_flip)
-    state, metrics = out["state"], out["metrics"]
-    metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
-                   best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)
-    where = fold_dir(cv.output, k)
-    storage.write_json_atomic(storage.join(where, FOLD_METRICS), metrics, cv.storage)
-    storage.write_bytes_atomic(storage.join(where, FOLD_HISTORY), history_csv(state["history"]), cv.storage)
-    if run_id:
-        figures = {"heldout_accuracy": metrics["categorical_accuracy"], "heldout_macro_f1": metrics["macro_f1"],
-                   **{f"heldout_recall_{c}": m["recall"] for c, m in metrics["per_class"].items()}}
-        tracking.log_metrics(cv.mlflow.tracking_uri, run_id, figures, step=0)
-        c = tracking.client(cv.mlflow.tracking_uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, data in ((FOLD_METRICS, storage.read_bytes(storage.join(where, FOLD_METRICS), cv.storage)),
-                               (FOLD_HISTORY, history_csv(state["history"]))):
-                with open(os.path.join(tmp, name), "wb") as fh:
-                    fh.write(data)
-                c.log_artifact(run_id, os.path.join(tmp, name))
-        c.set_terminated(run_id, status="FINISHED")
-    ray.tune.report({"fold": k, "accuracy": metrics["categorical_accuracy"], "macro_f1": metrics["macro_f1"]})
-
-
 def _fold_entry(k: int, metrics: dict[str, Any], manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "fold": k,
@@ -274,6 +226,7 @@ def _run_locked(cfg: CrossValidationConfig, manifest: dict[str, Any], keys: np.n
     from emotion_ray.config import TrainConfig
     from emotion_ray.runtime import init_ray
     from emotion_ray.train import run_storage
+    from emotion_ray.trials import fold_trial
     from emotion_ray.tune import TRIAL_DRIVER_CPUS, trial_concurrency, trials_bar
 
     datasets = write_fold_datasets(cfg, manifest, keys, labels, plan)
@@ -291,7 +244,7 @@ def _run_locked(cfg: CrossValidationConfig, manifest: dict[str, Any], keys: np.n
              "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     storage_path, storage_fs = run_storage(TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage))
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(_fold_trial, backbone_weights=weights),
+        ray.tune.with_resources(ray.tune.with_parameters(fold_trial, backbone_weights=weights),
                                 {"cpu": TRIAL_DRIVER_CPUS}),
         param_space={"fold": ray.tune.grid_search(list(range(cfg.folds))), "_setup": setup},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=min(concurrency, cfg.folds)),

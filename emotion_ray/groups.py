@@ -14,7 +14,7 @@ method of Zauner 2010, "Implementation and Benchmarking of Perceptual Image Hash
 Krawetz's "Looks Like It" (hackerfactor.com, 2011) and imagehash's documentation describe it).
 
 A group's split comes from the sha256 of its key (the smallest user key in it, else its smallest
-content hash), mapped to [0, 1) as prepare.split_of does; a file in no group keeps its own sha256,
+content hash), mapped to [0, 1) as prepare_tasks.split_of does; a file in no group keeps its own sha256,
 so it gets exactly the split the plain hash split gives it. Deterministic (input order plays no
 part) and stable as data grows: a group moves only when a new picture joins it with a smaller
 key or bridges it to another group, and a user group (a person) never moves.

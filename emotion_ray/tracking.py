@@ -1,5 +1,5 @@
 """MLflow glue: one run per training run, per-epoch metrics from the chief worker, and at the
-end the artifacts plus a pyfunc model registered under a configurable name.
+end the artifacts plus a pyfunc model (mlflow_model.py) registered under a configurable name.
 
 What an MLflow user finds: the run's source (command, git commit), a description, its dataset as
 a dataset input (manifest sha256, counts), and a registered model with a description and tags.
@@ -270,6 +270,7 @@ def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, metrics: dict[st
     import pandas as pd
 
     import emotion_ray
+    from emotion_ray.mlflow_model import EmotionPyfunc
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     c = client(cfg.tracking_uri)
@@ -288,7 +289,7 @@ def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, metrics: dict[st
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=EmotionPyfunc(),
+            python_model=EmotionPyfunc(),  # mlflow_model.py: what runs where the model is loaded
             artifacts={"model": os.path.join(export_dir, "model.keras"),
                        "labels": os.path.join(export_dir, "labels.json")},
             code_paths=[os.path.dirname(emotion_ray.__file__)],
@@ -334,50 +335,3 @@ def download_model(model_uri: str, tracking_uri: str, dst: str) -> tuple[str, st
     if len(found) != 2:
         raise FileNotFoundError(f"{model_uri} holds no model.keras + labels.json; was it logged by emotion_ray?")
     return found["model.keras"], found["labels.json"]
-
-
-try:
-    import mlflow.pyfunc as _pyfunc
-
-    class EmotionPyfunc(_pyfunc.PythonModel):
-        """The registered model: `score`'s decode and Predictor behind MLflow's pyfunc interface.
-
-        Input: a DataFrame with an `image` column (the file's bytes; base64 in JSON, as
-        `mlflow models serve` receives them) and/or a `path` column (local, `s3://` or archive
-        member paths, read where the model runs). Output: one row per input with score's
-        columns (path, label, confidence, prob_<class>, width, height, error); an unreadable or
-        undecodable input is an error row, never a failed batch. Probabilities equal `score`'s
-        and `predict`'s to float32's last bit (the same padded batches; inference.py).
-        """
-
-        def load_context(self, context):
-            from emotion_ray.runtime import setup_process
-
-            setup_process()  # before TensorFlow loads in the serving process
-            from emotion_ray.config import CPU_SCORE_BATCH
-            from emotion_ray.inference import Predictor, bundle_from_files
-
-            bundle = bundle_from_files(context.artifacts["model"], context.artifacts["labels"])
-            self.predictor = Predictor(bundle, CPU_SCORE_BATCH)
-
-        def predict(self, context, model_input, params=None):
-            import pyarrow as pa
-
-            from emotion_ray import storage
-            from emotion_ray.config import DecodeLimits, StorageConfig
-            from emotion_ray.sources import decode_table
-
-            n = len(model_input)
-            paths = list(model_input["path"]) if "path" in model_input else [None] * n
-            images = list(model_input["image"]) if "image" in model_input else [None] * n
-            data = [bytes(b) if isinstance(b, (bytes, bytearray)) else None for b in images]
-            paths = [storage.as_listed(p) if isinstance(p, str) else f"<input row {i}>" for i, p in enumerate(paths)]
-            batch = pa.table({"path": pa.array(paths, pa.string()), "data": pa.array(data, pa.binary())})
-            decoded = decode_table(batch, self.predictor.bundle.image_size, DecodeLimits(), StorageConfig())
-            frame = self.predictor(decoded).drop_columns(["model_id", "scored_at"]).to_pandas()
-            for column in ("label", "error"):  # null, not NaN: JSON answers say `null`
-                frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
-            return frame
-
-except ImportError:  # pragma: no cover - mlflow is a hard dependency; keep imports cheap elsewhere
-    EmotionPyfunc = None  # type: ignore[assignment,misc]

@@ -1,7 +1,7 @@
 """tune: a Ray Tune search over training configs, described by a YAML file in tune_configs/.
 
-Ray Train V2 pattern: each trial is a function that builds a TensorflowTrainer with train.py's
-`build_trainer` (the same training loop as `emotion-ray train`) and fits it; every epoch's
+Ray Train V2 pattern: each trial (trials.search_trial, run in a Tune trial's process) is a
+function that builds a TensorflowTrainer with train.py's `build_trainer` (the same training loop as `emotion-ray train`) and fits it; every epoch's
 report reaches Tune through TuneReportCallback, so ASHA can stop weak trials early.
 
 Re-running the same command continues the experiment (finished trials are kept). At the end:
@@ -66,35 +66,6 @@ def backbone_weights(cfg: TuneConfig) -> dict[tuple[str, str], bytes]:
         if variant.model.pretrained_backbone and key not in weights:
             weights[key] = resolve_weights(variant.model, cfg.storage)
     return weights
-
-
-def _trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes] | None = None) -> None:
-    """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once.
-    `backbone_weights`: see backbone_weights() (Tune ships them through the object store once)."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from emotion_ray import tracking
-    from emotion_ray.train import build_trainer
-
-    setup = config["_setup"]
-    tcfg = TuneConfig.model_validate(setup["tune"])
-    # Named after the trial id (no timestamps): a restored trial finds its own run and checkpoint.
-    run_name = f"trial_{ray.tune.get_context().get_trial_id()}"
-    sampled = {k: v for k, v in config.items() if k != "_setup"}
-    cfg = tcfg.train_config(sampled, run_name=run_name)
-    mlflow_run_id = None
-    if tcfg.mlflow.enabled:
-        mlflow_run_id = tracking.start_run(tcfg.mlflow, run_name, {**cfg.model_dump(mode="json"), **sampled},
-                                           parent_run_id=setup["parent_run_id"], resume=True,
-                                           source=setup["source_tags"])
-        tracking.record_training_run(cfg, mlflow_run_id, run_name, setup["dataset_uri"], setup["manifest"])
-    weights = (backbone_weights or {}).get((cfg.model.architecture, cfg.model.backbone_weights))
-    trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
-                            callbacks=[TuneReportCallback()], backbone_weights=weights)
-    trainer.fit()
-    if mlflow_run_id:
-        tracking.client(tcfg.mlflow.tracking_uri).set_terminated(mlflow_run_id, status="FINISHED")
 
 
 def _check_resources(cfg: TuneConfig) -> tuple[int, float | None]:
@@ -206,6 +177,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     from emotion_ray.evaluate import export_run
     from emotion_ray.runtime import init_ray
     from emotion_ray.train import check_model_fits, resolve_dataset, run_storage
+    from emotion_ray.trials import search_trial
 
     cfg = load_tune_config(config_path, overrides)
     weights = backbone_weights(cfg)  # before any cluster work: a missing file stops here
@@ -229,7 +201,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
              "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(_trial, backbone_weights=weights),
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(search_trial, backbone_weights=weights),
                                         {"cpu": TRIAL_DRIVER_CPUS})
     storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
     storage_path, storage_fs = run_storage(storage_probe)

@@ -21,7 +21,8 @@ from PIL import Image
 from emotion_ray import storage
 from emotion_ray.config import ConfigError, PrepareConfig
 from emotion_ray.dataset import SPLITS, load_split, read_manifest
-from emotion_ray.prepare import prepare, split_of
+from emotion_ray.prepare import prepare
+from emotion_ray.prepare_tasks import split_of
 from emotion_ray.demo import make_demo_dataset
 
 
