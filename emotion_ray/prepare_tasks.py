@@ -2,7 +2,9 @@
 and split (prepare.py, the driver, plans the groups and writes the shards).
 
 A row's split is its sha256 (of the file's bytes, or of its group's key) mapped to [0, 1) and
-cut by the split fractions: deterministic, and a group never straddles splits (groups.py).
+cut by the split fractions (`split_of`, which the driver's group plan uses too): deterministic,
+and a group never straddles splits (groups.py). With split_by folder a row keeps its folder's
+split (prepare warns when a group then crosses them).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.T
 
 def with_split(batch: pa.Table, fractions: dict[str, float], plan=None) -> pa.Table:
     """Each decoded row's group and split (or `rejected`), in shard column order: from `plan`
-    (an ObjectRef of a (path, group, split) table: see _plan_groups), else from its sha256."""
+    (an ObjectRef of a (path, group, split) table: see prepare._plan_groups), else from its sha256."""
     decoded = batch["image"].is_valid().to_pylist()
     given = batch["given_split"].to_pylist() if "given_split" in batch.column_names else [None] * batch.num_rows
     digests = batch["content_hash"].to_pylist()

@@ -335,3 +335,14 @@ def download_model(model_uri: str, tracking_uri: str, dst: str) -> tuple[str, st
     if len(found) != 2:
         raise FileNotFoundError(f"{model_uri} holds no model.keras + labels.json; was it logged by emotion_ray?")
     return found["model.keras"], found["labels.json"]
+
+
+def __getattr__(name: str):
+    """Models registered before the pyfunc moved to mlflow_model.py pickled it as
+    `emotion_ray.tracking.EmotionPyfunc`: a process that already imported this package still
+    loads them."""
+    if name == "EmotionPyfunc":
+        from emotion_ray.mlflow_model import EmotionPyfunc
+
+        return EmotionPyfunc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,12 +14,11 @@ from typing import Any
 
 from emotion_ray import storage
 from emotion_ray.config import CrossValidationConfig, TuneConfig
-from emotion_ray.crossval import FOLD_HISTORY, FOLD_METRICS, TRAIN_RUNS, fold_dir
 
 
 def search_trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes] | None = None) -> None:
     """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once.
-    `backbone_weights`: see backbone_weights() (Tune ships them through the object store once)."""
+    `backbone_weights`: see tune.backbone_weights() (Tune ships them through the object store once)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -53,6 +52,7 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
     import ray.tune
 
     from emotion_ray import tracking
+    from emotion_ray.crossval import FOLD_HISTORY, FOLD_METRICS, TRAIN_RUNS, fold_dir
     from emotion_ray.evaluate import evaluate_best, history_csv
     from emotion_ray.train import build_trainer
 

@@ -1,8 +1,9 @@
 """tune: a Ray Tune search over training configs, described by a YAML file in tune_configs/.
 
 Ray Train V2 pattern: each trial (trials.search_trial, run in a Tune trial's process) is a
-function that builds a TensorflowTrainer with train.py's `build_trainer` (the same training loop as `emotion-ray train`) and fits it; every epoch's
-report reaches Tune through TuneReportCallback, so ASHA can stop weak trials early.
+function that builds a TensorflowTrainer with train.py's `build_trainer` (the same training
+loop as `emotion-ray train`) and fits it; every epoch's report reaches Tune through
+TuneReportCallback, so ASHA can stop weak trials early.
 
 Re-running the same command continues the experiment (finished trials are kept). At the end:
 trials.parquet / trials.csv ranked by the metric, best_train_config.yaml (accepted unchanged
@@ -27,6 +28,7 @@ from emotion_ray.errors import ConfigError, StageError
 # What each trial's driver function reserves: it only drives its TensorflowTrainer, the
 # workers hold the CPUs (Tune refuses an empty resource request, hence a token 1 %).
 TRIAL_DRIVER_CPUS = 0.01
+TRAINABLE_NAME = "_trial"  # what Tune calls the trials (run_tuning)
 
 
 def load_tune_config(path: str, overrides: dict[str, Any] | None = None) -> TuneConfig:
@@ -201,8 +203,11 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
              "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(search_trial, backbone_weights=weights),
-                                        {"cpu": TRIAL_DRIVER_CPUS})
+    with_weights = ray.tune.with_parameters(search_trial, backbone_weights=weights)
+    # Tune names trials after the trainable and checks that name when an experiment continues:
+    # experiments (and their trial folders) started before the trial moved to trials.py say `_trial`.
+    with_weights.__name__ = TRAINABLE_NAME
+    trainable = ray.tune.with_resources(with_weights, {"cpu": TRIAL_DRIVER_CPUS})
     storage_probe = TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage)
     storage_path, storage_fs = run_storage(storage_probe)
     experiment_path = f"{storage_path}/{cfg.name}" if storage_fs else cfg.experiment_dir

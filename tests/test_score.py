@@ -668,3 +668,18 @@ def test_part_files_are_large_by_default_and_the_small_ones_are_merged(tmp_path)
         _merge_small_parts(cfg, writer)
     assert sorted(pq.read_metadata(p).num_rows for p in data.glob("part-*.parquet")) == [10, 12, 12]
     assert sorted(read_scores(out)["path"].to_pylist()) == sorted(f"p{i}" for i in range(34))
+
+
+@pytest.mark.fast
+def test_a_model_registered_before_the_pyfunc_moved_still_unpickles():
+    """Registered models pickled the pyfunc as emotion_ray.tracking.EmotionPyfunc (before
+    mlflow_model.py); a process that has already imported the package finds it there."""
+    import io
+    import pickle
+
+    from emotion_ray.mlflow_model import EmotionPyfunc
+
+    old_reference = pickle.Unpickler(io.BytesIO(b"")).find_class("emotion_ray.tracking", "EmotionPyfunc")
+    assert old_reference is EmotionPyfunc
+    with pytest.raises(AttributeError):
+        pickle.Unpickler(io.BytesIO(b"")).find_class("emotion_ray.tracking", "NoSuchModel")

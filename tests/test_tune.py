@@ -118,6 +118,9 @@ def test_smoke_search_resumes_after_driver_kill_and_exports_a_best_config(ray_se
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (experiment / "trials.csv").exists()
+    # Tune checks a continued experiment's trainable by name: experiments saved before the trial
+    # moved to trials.py named it `_trial` (tune.TRAINABLE_NAME), and their trial folders say so.
+    assert list(experiment.glob("_trial_*")), sorted(p.name for p in experiment.iterdir())
 
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     output = res.stdout + res.stderr
