@@ -87,12 +87,9 @@ class PrepareConfig(DecodeLimits):
     split_by: Literal["hash", "folder"] = Field(
         "hash", description="hash: splits from each file's sha256 and `splits`; folder: each input holds "
         "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders.")
-    # Bits of 64, measured (README, prepare; emotion_ray/groups.py): resized (0.5-1.5x) and
-    # re-encoded (JPEG quality 30-90) copies come within 0-8 bits, mostly 0-4; a crop of 1 % of
-    # each side within 6 for 97 % of pictures, of 3 % for only half. Of the 32 million pairs among
-    # 8,000 FER2013 faces, about 1 in 100,000 came within 6 bits (most of those near-copies by eye)
-    # and groups stayed small (largest 9 faces), where 8 bits chained 61 faces and 10 bits 555.
-    # pHash sets exactly 32 of its 64 bits, so distances are even: 6 and 7 group the same pairs.
+    # Bits of 64. The default groups resized, re-encoded and slightly cropped copies while unrelated
+    # faces rarely chain into large groups, which 8 or 10 bits did (figures: README, "What pHash
+    # catches"). pHash sets exactly 32 of its 64 bits, so distances are even: 6 and 7 group the same pairs.
     near_duplicate_distance: int = Field(
         6, ge=0, le=32, description="Pictures whose perceptual hashes (pHash, 64 bits) differ in at most this "
         "many bits share a group, and so a split. 0: off (exact copies still share one).")

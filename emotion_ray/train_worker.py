@@ -62,7 +62,7 @@ def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffl
 
     if cache_rows:
         # Not from_generator + cache(): a pipeline that starts in a Python generator trained the
-        # face recipe ~1.6x slower per image inside a Ray Train worker even once its cache was
+        # face recipe far slower per image inside a Ray Train worker even once its cache was
         # full (bench/RESULTS.md, train, the face recipe); indices into in-memory tensors do not.
         empty = (np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0, num_classes), np.float32))
         parts = list(batches(False)) or [empty]
