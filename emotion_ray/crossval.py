@@ -10,10 +10,10 @@ cross-validation exists for small data (hundreds of pictures), where K copies co
 
 Each fold is a Tune trial (`trials.fold_trial`, the Ray Train V2 pattern tune.py uses: a
 function that builds a TensorflowTrainer with train.build_trainer and fits it), K of them run at
-once as far as the cluster fits (tune.trial_concurrency). The trial then evaluates its best checkpoint with
-evaluate.evaluate_best (inference.Predictor; temperature fitted on the inner validation
-split, figures on the held-out fold) and writes `<output>/folds/fold_<k>/metrics.json` and
-`history.csv`. No fold model is exported or registered: they are measurements, not products.
+once as far as the cluster fits (tune.trial_concurrency). The trial then evaluates its best
+checkpoint with evaluate.evaluate_best (inference.Predictor; temperature fitted on the inner
+validation split, figures on the held-out fold) and writes `<output>/folds/fold_<k>/metrics.json`
+and `history.csv`. No fold model is exported or registered: they are measurements, not products.
 
 At the end `<output>/cv.json` holds per-fold figures and sizes, the mean and sample standard
 deviation across folds of accuracy, macro-F1 and per-class recall, and the pooled confusion

@@ -77,8 +77,9 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)
     where = fold_dir(cv.output, k)
+    history = history_csv(state["history"])
     storage.write_json_atomic(storage.join(where, FOLD_METRICS), metrics, cv.storage)
-    storage.write_bytes_atomic(storage.join(where, FOLD_HISTORY), history_csv(state["history"]), cv.storage)
+    storage.write_bytes_atomic(storage.join(where, FOLD_HISTORY), history, cv.storage)
     if run_id:
         figures = {"heldout_accuracy": metrics["categorical_accuracy"], "heldout_macro_f1": metrics["macro_f1"],
                    **{f"heldout_recall_{c}": m["recall"] for c, m in metrics["per_class"].items()}}
@@ -86,7 +87,7 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
         c = tracking.client(cv.mlflow.tracking_uri)
         with tempfile.TemporaryDirectory() as tmp:
             for name, data in ((FOLD_METRICS, storage.read_bytes(storage.join(where, FOLD_METRICS), cv.storage)),
-                               (FOLD_HISTORY, history_csv(state["history"]))):
+                               (FOLD_HISTORY, history)):
                 with open(os.path.join(tmp, name), "wb") as fh:
                     fh.write(data)
                 c.log_artifact(run_id, os.path.join(tmp, name))
