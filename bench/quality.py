@@ -9,8 +9,9 @@
     own virtual environment (BENCH_DIR/peer-venv, created here when missing; never a project
     dependency) and runs as a subprocess (bench/quality_peer.py) that prints JSON. Its metrics
     are computed with the product's own `metrics.classification_metrics`.
-(a') the same run's best model evaluated again with test-time flip averaging switched the other way
-    (model.test_time_flip; the recipe has it on): what the flip adds.
+(a') the same run's best model evaluated again with each test-time augmentation (none, the flip,
+    the flip and shifts; inference.TestTimeAugmentation): val/ and test/ accuracy of each, what the
+    views add. The recipe's setting is chosen on the val/ column.
 (c) small data: the first 100 files (sorted) of each class of FER2013 val/, 80 to train/ and
     20 to val/, with FER2013 test/ as test/ (file symlinks: prepare follows those, not folder
     links). Trained (1) from scratch with the recipe and (2) with `model.init_from` = the run of
@@ -35,6 +36,7 @@ from pathlib import Path
 from bench.common import ROOT, WORK, record
 from emotion_ray.config import PrepareConfig, TrainConfig, load_config
 from emotion_ray.dataset import is_prepared, read_manifest
+from emotion_ray.inference import TestTimeAugmentation
 from emotion_ray.metrics import classification_metrics, confusion_matrix
 from emotion_ray.prepare import prepare
 
@@ -49,6 +51,8 @@ PEER_PACKAGES = ["tensorflow", "opencv-python-headless<5", "pandas", "pillow", "
 FER_VERSION = "25.10.3"
 SMALL_PER_CLASS, SMALL_TRAIN = 100, 80
 TARGET_FULL, TARGET_INIT, TARGET_GAIN = 0.88, 0.85, 0.15
+# (a'): the shifted views' size when the recipe sets none: 3 px at 48 px, RECIPE_NOTES' fourth-round best on val/.
+PROBE_SHIFT = 0.0625
 
 
 def prepared(name: str, root: Path) -> str:
@@ -116,9 +120,10 @@ def summary(run_dir: str, wall: float | None) -> dict:
     }
 
 
-def reevaluated(run_dir: str, dataset: str, test_time_flip: bool) -> dict:
-    """The run's best model scored on test/ again by the product's evaluation (evaluate_checkpoint,
-    from its last checkpoint), with test-time flip averaging on or off: the flip's share of (a)."""
+def reevaluated(run_dir: str, dataset: str, test_time: TestTimeAugmentation) -> dict:
+    """The run's best model scored on val/ and test/ again by the product's evaluation
+    (evaluate_checkpoint, from its last checkpoint) with the views of `test_time`
+    (inference.TestTimeAugmentation): each augmentation's share of (a)."""
     from ray.train import Checkpoint
 
     from emotion_ray.config import StorageConfig
@@ -131,9 +136,10 @@ def reevaluated(run_dir: str, dataset: str, test_time_flip: bool) -> dict:
     last = max(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
     start = time.perf_counter()
     metrics = evaluate_checkpoint(Checkpoint(str(last)), dataset, StorageConfig(), manifest["classes"],
-                                  manifest["image_size"], explain=False, test_time_flip=test_time_flip)["metrics"]
-    return {"test_time_flip": test_time_flip, "accuracy": round(metrics["categorical_accuracy"], 4),
-            "macro_f1": round(metrics["macro_f1"], 4),
+                                  manifest["image_size"], explain=False, test_time=test_time)["metrics"]
+    return {**test_time.as_labels(), "views": test_time.views,
+            "val_accuracy": round(metrics["val_categorical_accuracy"], 4),
+            "accuracy": round(metrics["categorical_accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
             "recall": {c: round(v["recall"], 4) for c, v in metrics["per_class"].items()},
             "wall_seconds": round(time.perf_counter() - start, 1)}
 
@@ -216,10 +222,10 @@ def main() -> None:
     else:
         full = train(full_data, f"full_{stamp}", args.epochs)
     print("full:", json.dumps(full), flush=True)
-    # What the run itself was evaluated with (its labels.json): a reused run may predate the recipe.
-    flipped_in_run = json.loads(Path(full["run_dir"], "labels.json").read_text()).get("test_time_flip", False)
-    flip_ablation = reevaluated(full["run_dir"], full_data, not flipped_in_run)
-    print("flip ablation:", json.dumps(flip_ablation), flush=True)
+    shift = load_config(TrainConfig, str(RECIPE), {"data": full_data}).model.test_time_shift or PROBE_SHIFT
+    test_time = [reevaluated(full["run_dir"], full_data, views) for views in (
+        TestTimeAugmentation(), TestTimeAugmentation(flip=True), TestTimeAugmentation(flip=True, shift=shift))]
+    print("test-time augmentation:", json.dumps(test_time), flush=True)
 
     small_data = prepared("small_48", small_tree())
     small_manifest = read_manifest(small_data)
@@ -237,8 +243,12 @@ def main() -> None:
     print("| | accuracy | macro-F1 | recall | wall time |\n| --- | --- | --- | --- | --- |")
     full_wall = f"{full['wall_seconds']} s ({full['epochs_run']} epochs)" if full["wall_seconds"] else "reused"
     print(row(f"(a) recipe, FER2013 train/ ({args.epochs} epochs max)", full, full_wall))
-    print(row(f"(a) the same model, test-time flip {'on' if flip_ablation['test_time_flip'] else 'off'}",
-              flip_ablation, f"{flip_ablation['wall_seconds']} s (evaluation)"))
+    in_run = json.loads(Path(full["run_dir"], "labels.json").read_text())
+    print(f"(a) was evaluated with test_time_flip {in_run.get('test_time_flip', False)}, "
+          f"test_time_shift {in_run.get('test_time_shift', 0.0)}; its best model again:")
+    for r in test_time:
+        print(row(f"(a') {r['views']} view(s): flip {r['test_time_flip']}, shift {r['test_time_shift']} "
+                  f"(val {r['val_accuracy']:.3f})", r, f"{r['wall_seconds']} s (evaluation)"))
     print(row("(b) fer, emotion_model.hdf5", peer["hdf5"], f"{peer['hdf5']['seconds']} s"))
     print(row("(b) fer, quantized tflite (FER() default)", peer["tflite"], f"{peer['tflite']['seconds']} s"))
     print(row("(c1) 240 train images, from scratch", scratch, f"{scratch['wall_seconds']} s"))
@@ -249,7 +259,7 @@ def main() -> None:
         "epochs": args.epochs, "small_epochs": args.small_epochs, "prepare_seconds": round(prepare_s, 1),
         "split_rows": manifest["split_rows"], "duplicates": manifest["duplicates"],
         "small_split_rows": small_manifest["split_rows"],
-        "full": full, "flip_ablation": flip_ablation, "peer": peer, "small_scratch": scratch, "small_init_from": transfer,
+        "full": full, "test_time_augmentation": test_time, "peer": peer, "small_scratch": scratch, "small_init_from": transfer,
         "init_from_gain": round(gain, 4), "targets": {"full": TARGET_FULL, "peer_readme": 0.793,
                                                       "init_from": TARGET_INIT, "gain": TARGET_GAIN},
         "met": met,

@@ -210,6 +210,11 @@ class ModelConfig(StrictModel):
         False, description="Test-time augmentation: every prediction (test evaluation, score, predict, the MLflow "
         "model) averages the probabilities of the image and its mirror image, for twice the inference compute. "
         "Recorded in labels.json; for models trained with flip augmentation.")
+    test_time_shift: float = Field(
+        0.0, ge=0, le=0.25, description="Test-time augmentation: every prediction also averages the image moved by "
+        "this fraction of its side up, down, left and right (at least 1 px; edge pixels repeated), each mirrored "
+        "too with test_time_flip: 5 views, or 10 with the flip, for as many times the inference compute. "
+        "Recorded in labels.json; for models trained with translation augmentation. 0: no shifted views.")
 
     @field_validator("backbone_weights")
     @classmethod

@@ -23,7 +23,7 @@ import yaml
 from emotion_ray import storage
 from emotion_ray.config import StorageConfig, TrainConfig
 from emotion_ray.errors import ConfigError
-from emotion_ray.inference import LABELS_FILE, MODEL_FILE
+from emotion_ray.inference import LABELS_FILE, MODEL_FILE, TestTimeAugmentation
 from emotion_ray.report import write_report
 
 EVALUATION_BATCH = 256
@@ -81,16 +81,17 @@ def _explained_mistakes(model, mistakes, cams: int) -> list[dict[str, Any]]:
 
 
 def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str],
-                        image_size: int, explain: bool = True, test_time_flip: bool = False) -> dict[str, Any]:
+                        image_size: int, explain: bool = True,
+                        test_time: TestTimeAugmentation = TestTimeAugmentation()) -> dict[str, Any]:
     """Ray task: the best model's test metrics (metrics.classification_metrics), its
     temperature fitted on the validation split with the calibration figures on test
     (calibration.calibration_report: temperature, ece_before, ece_after, calibration), its
     file's bytes and the training state, and for report.html the test split's REPORT_MISTAKES
     most confident mistakes (explain.WorstMistakes; the first REPORT_CAMS with Grad-CAM maps,
     see _explained_mistakes; with `explain=False`, for a caller that writes no report, none:
-    `mistakes` is []). A split the dataset lacks counts 0 rows (T = 1). With `test_time_flip`, every
-    probability is inference.forward_pass's mean over the image and its mirror, as the exported
-    model's predictions will be."""
+    `mistakes` is []). A split the dataset lacks counts 0 rows (T = 1). Every probability averages
+    the views of `test_time` (inference.TestTimeAugmentation), as the exported model's
+    predictions will; `val_categorical_accuracy` is val's accuracy with the same views."""
     from emotion_ray.calibration import calibration_report, choose_temperature
     from emotion_ray.explain import WorstMistakes
     from emotion_ray.inference import ModelBundle, Predictor
@@ -103,7 +104,7 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
         with open(os.path.join(ckpt_dir, STATE_FILE)) as fh:
             state = json.load(fh)
     # The raw softmax (T = 1): the temperature is fitted on these outputs.
-    predictor = Predictor(ModelBundle(model_bytes, classes, image_size, "checkpoint", test_time_flip=test_time_flip),
+    predictor = Predictor(ModelBundle(model_bytes, classes, image_size, "checkpoint", test_time=test_time),
                           EVALUATION_BATCH)
     val_probs, val_labels = _split_probabilities(predictor, dataset_uri, "val", storage_cfg, image_size, len(classes))
     # T first: the report's worst mistakes are ranked by the calibrated confidence score would write.
@@ -114,23 +115,27 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     # A temperature never moves the argmax: these metrics hold for the calibrated model too.
     metrics = classification_metrics(confusion_matrix(test_labels, test_probs.argmax(axis=1), len(classes)), classes)
     metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels, fitted=fitted))
+    # What a caller choosing inference settings (views, a threshold) may look at; test stays for the report.
+    metrics["val_categorical_accuracy"] = (float((val_probs.argmax(axis=1) == val_labels).mean())
+                                           if len(val_labels) else None)
     return {"model_bytes": model_bytes, "state": state, "metrics": metrics,
             "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS) if explain else []}
 
 
 def evaluate_best(checkpoint, dataset_uri: str, storage_cfg: StorageConfig, classes: list[str], image_size: int,
-                  use_gpu: bool, explain: bool = True, test_time_flip: bool = False) -> dict[str, Any]:
+                  use_gpu: bool, explain: bool = True,
+                  test_time: TestTimeAugmentation = TestTimeAugmentation()) -> dict[str, Any]:
     """evaluate_checkpoint's answer, computed where it costs least. After GPU training, as a Ray
     task on one GPU (outside any Tune trial's placement group, as the trainer's own actors are).
     Otherwise in this process: the driver (or Tune trial) that fitted the TensorflowTrainer has
     TensorFlow loaded already, where a task would start a process and import it again, seconds
     of every run (bench/RESULTS.md, run start-up)."""
     if not use_gpu:
-        return evaluate_checkpoint(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain, test_time_flip)
+        return evaluate_checkpoint(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain, test_time)
     import ray
 
     task = ray.remote(num_cpus=1, num_gpus=1, scheduling_strategy="DEFAULT")(evaluate_checkpoint)
-    return ray.get(task.remote(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain, test_time_flip))
+    return ray.get(task.remote(checkpoint, dataset_uri, storage_cfg, classes, image_size, explain, test_time))
 
 
 def _plots(export_dir: str, history: list[dict[str, float]], metrics: dict[str, Any]) -> None:
@@ -207,8 +212,8 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
                mlflow_run_id: str | None) -> dict[str, Any]:
     """Evaluate the best model on the test split and write the run directory (and MLflow)."""
     classes, image_size = manifest["classes"], manifest["image_size"]
-    out = evaluate_best(checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu,
-                        test_time_flip=cfg.model.test_time_flip)
+    test_time = TestTimeAugmentation.of(cfg.model)
+    out = evaluate_best(checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, test_time=test_time)
     state, metrics = out["state"], out["metrics"]
     metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], best_val_loss=state["best_val_loss"],
                    training_starts=state["starts"])
@@ -220,7 +225,7 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
                                      "input": "uint8 RGB, scaled inside the model",
                                      # inference.Predictor divides the log-probabilities by it
                                      "temperature": metrics["temperature"],
-                                     "test_time_flip": cfg.model.test_time_flip,
+                                     **test_time.as_labels(),
                                      # score and predict crop faces the same way unless told otherwise
                                      "faces": manifest.get("faces") and {k: v for k, v in manifest["faces"].items()
                                                                          if k != "pictures_by_faces"}},

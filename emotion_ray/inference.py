@@ -10,7 +10,7 @@
   (a tail row of the kernel's blocking: 3e-8 measured), so labels agree except at an exact tie.
 - The run's fitted temperature (labels.json `temperature`, calibration.py; 1 when absent) is
   applied here and nowhere else, so every caller gets the same calibrated probabilities; so is
-  test-time flip averaging (labels.json `test_time_flip`, `forward_pass`).
+  test-time augmentation (labels.json `test_time_flip` and `test_time_shift`, `TestTimeAugmentation`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,49 @@ FACE_COLUMNS = ("face_index", "box_x", "box_y", "box_w", "box_h", "face_score", 
 
 
 @dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Which views of each image a prediction averages (test-time augmentation; the ten-crop
+    averaging of Krizhevsky et al. 2012, here as whole-image views of a face crop).
+
+    `flip`: the image and its left-right mirror. `shift` (a fraction of the side, 0..0.25): also
+    the image moved by that much up, down, left and right (at least 1 px; the edge pixels
+    repeated), each mirrored too when `flip`. Views: 1, 2 (flip), 5 (shift) or 10 (both), and the
+    inference compute is that many times one pass. labels.json records both keys; a model
+    without them predicts from the image alone.
+    """
+
+    __test__ = False  # a dataclass, not a pytest class
+
+    flip: bool = False
+    shift: float = 0.0
+
+    @classmethod
+    def of(cls, settings) -> "TestTimeAugmentation":
+        """From labels.json's dict or a ModelConfig (`test_time_flip`, `test_time_shift`)."""
+        get = settings.get if isinstance(settings, dict) else lambda key, default: getattr(settings, key, default)
+        shift = get("test_time_shift", 0.0) or 0.0
+        if not isinstance(shift, (int, float)) or not 0 <= shift <= 0.25:
+            raise ConfigError(f"test_time_shift {shift!r} is not a fraction of the side between 0 and 0.25")
+        return cls(bool(get("test_time_flip", False)), float(shift))
+
+    def as_labels(self) -> dict[str, Any]:
+        """The labels.json keys that make every later prediction average the same views."""
+        return {"test_time_flip": self.flip, "test_time_shift": self.shift}
+
+    def offsets(self, image_size: int) -> list[tuple[int, int]]:
+        """(rows, columns) each view moves the image by, in px at `image_size`; (0, 0) first."""
+        if not self.shift:
+            return [(0, 0)]
+        d = max(1, round(self.shift * image_size))
+        return [(0, 0), (0, d), (0, -d), (d, 0), (-d, 0)]
+
+    @property
+    def views(self) -> int:
+        """Forward passes per image."""
+        return (5 if self.shift else 1) * (2 if self.flip else 1)
+
+
+@dataclass(frozen=True)
 class ModelBundle:
     """A model as shipped to predictor actors (through the object store: `ray.put` it)."""
 
@@ -48,7 +91,7 @@ class ModelBundle:
     model_id: str  # the model's URI and content hash, written into every prediction row
     faces: dict | None = None  # the face preprocessing the model was trained with (labels.json), if any
     temperature: float = 1.0  # fitted on the validation split (labels.json); 1: the raw softmax
-    test_time_flip: bool = False  # average with the mirror image's probabilities (labels.json)
+    test_time: TestTimeAugmentation = TestTimeAugmentation()  # the views a prediction averages (labels.json)
 
     def face_config(self, asked):
         """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
@@ -95,12 +138,12 @@ def _content_id(data: bytes) -> str:
 
 def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
     """A bundle from a model file's bytes and its labels.json's contents (ConfigError on a
-    temperature that is not a positive number)."""
+    temperature that is not a positive number or a test_time_shift outside 0..0.25)."""
     temperature = labels.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ConfigError(f"model {model_id}: labels.json temperature {temperature!r} is not a positive number")
     return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"),
-                       float(temperature), bool(labels.get("test_time_flip", False)))
+                       float(temperature), TestTimeAugmentation.of(labels))
 
 
 def share_gpus() -> None:
@@ -119,13 +162,12 @@ def share_gpus() -> None:
             pass
 
 
-def forward_pass(model, test_time_flip: bool = False):
+def forward_pass(model, test_time: TestTimeAugmentation = TestTimeAugmentation()):
     """`model`'s forward pass (inference mode) as one compiled graph: uint8 images (N, H, W, 3) ->
     probabilities (N, classes).
 
-    With `test_time_flip`, the mean of the probabilities of each image and of its mirror image
-    (left-right; test-time augmentation, as in Krizhevsky et al. 2012's ten-crop averaging): the
-    answer is then the same for an image and its mirror, at twice the compute.
+    With test-time augmentation (`TestTimeAugmentation`), the mean of the probabilities of the
+    image's views: with `flip` the answer is the same for an image and its mirror.
     Used rather than `predict_on_batch`, which re-enters Keras' predict machinery each call;
     the outputs are identical and it is faster (bench/RESULTS.md, score). The batch dimension
     is left open, so one trace serves every batch size.
@@ -133,14 +175,22 @@ def forward_pass(model, test_time_flip: bool = False):
     import tensorflow as tf
 
     spec = tf.TensorSpec([None, *model.input_shape[1:]], tf.uint8)
-    if not test_time_flip:
+    if test_time.views == 1:
         return tf.function(lambda images: model(images, training=False), input_signature=[spec])
+    height, width = model.input_shape[1:3]
+
+    def moved(images, dy, dx):
+        # Gathering clipped indices repeats the edge rows and columns into the space a shift opens.
+        images = tf.gather(images, tf.clip_by_value(tf.range(height) - dy, 0, height - 1), axis=1)
+        return tf.gather(images, tf.clip_by_value(tf.range(width) - dx, 0, width - 1), axis=2)
 
     def averaged(images):
-        # One batch of both: the same kernels (and float32 rounding) for an image and its mirror.
-        both = model(tf.concat([images, tf.reverse(images, axis=[2])], axis=0), training=False)
-        original, mirrored = tf.split(both, 2, axis=0)
-        return (original + mirrored) / 2
+        views = [images if (dy, dx) == (0, 0) else moved(images, dy, dx) for dy, dx in test_time.offsets(height)]
+        if test_time.flip:
+            views += [tf.reverse(v, axis=[2]) for v in views]
+        # One batch of all views: the same kernels (and float32 rounding) for every view.
+        probabilities = model(tf.concat(views, axis=0), training=False)
+        return tf.reduce_mean(tf.reshape(probabilities, [len(views), tf.shape(images)[0], -1]), axis=0)
 
     return tf.function(averaged, input_signature=[spec])
 
@@ -175,7 +225,7 @@ class Predictor:
             bundle = ray.get(bundle)
         share_gpus()
         self.model = load_model_bytes(bundle.model_bytes)
-        self.forward = forward_pass(self.model, bundle.test_time_flip)
+        self.forward = forward_pass(self.model, bundle.test_time)
         self.bundle = bundle
         self.batch_size = batch_size
         if min_confidence is not None and UNCERTAIN in bundle.classes:

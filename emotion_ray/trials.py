@@ -54,6 +54,7 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
     from emotion_ray import tracking
     from emotion_ray.crossval import FOLD_HISTORY, FOLD_METRICS, TRAIN_RUNS, fold_dir
     from emotion_ray.evaluate import evaluate_best, history_csv
+    from emotion_ray.inference import TestTimeAugmentation
     from emotion_ray.train import build_trainer
 
     setup, k = config["_setup"], config["fold"]
@@ -72,7 +73,7 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
         raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
     # A fold writes no report.html: no mistakes gathered, no Grad-CAM.
     out = evaluate_best(result.checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, explain=False,
-                        test_time_flip=cfg.model.test_time_flip)
+                        test_time=TestTimeAugmentation.of(cfg.model))
     state, metrics = out["state"], out["metrics"]
     metrics.update(fold=k, best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                    best_val_loss=state["best_val_loss"], mlflow_run_id=run_id)

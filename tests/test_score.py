@@ -311,17 +311,60 @@ def test_predict_gives_exactly_the_scores_probabilities_and_abstentions(ray_sess
 def test_test_time_flip_answers_the_same_for_an_image_and_its_mirror(model_dir):
     """labels.json test_time_flip: the mean of the probabilities of the image and of its mirror."""
     from emotion_ray.calibration import apply_temperature
-    from emotion_ray.inference import Predictor, resolve_model
+    from emotion_ray.inference import Predictor, TestTimeAugmentation, resolve_model
 
     bundle = resolve_model(str(model_dir), StorageConfig(), "")
     plain = Predictor(bundle, batch_size=4)
-    flipped = Predictor(dataclasses.replace(bundle, test_time_flip=True), batch_size=4)
+    flipped = Predictor(dataclasses.replace(bundle, test_time=TestTimeAugmentation(flip=True)), batch_size=4)
     images = np.random.default_rng(5).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
     mirrors = images[:, :, ::-1]
     assert not np.allclose(plain.probabilities(images), plain.probabilities(mirrors), atol=1e-3)  # a real test
     np.testing.assert_allclose(flipped.probabilities(images), flipped.probabilities(mirrors), rtol=0, atol=1e-6)
     raw = (plain.forward(images).numpy() + plain.forward(mirrors).numpy()) / 2
     np.testing.assert_allclose(flipped.probabilities(images), apply_temperature(raw, TEMPERATURE), rtol=1e-5)
+
+
+def test_test_time_shift_averages_the_ten_views_numpy_makes(model_dir):
+    """labels.json test_time_shift with the flip: the mean over the image moved up, down, left and
+    right (edge pixels repeated) and the image itself, each also mirrored; still mirror-invariant."""
+    from emotion_ray.calibration import apply_temperature
+    from emotion_ray.inference import Predictor, TestTimeAugmentation, resolve_model
+
+    bundle = resolve_model(str(model_dir), StorageConfig(), "")
+    plain = Predictor(bundle, batch_size=4)
+    both = TestTimeAugmentation(flip=True, shift=0.1)
+    assert both.views == 10 and both.offsets(SIZE)[1] == (0, 3)  # 0.1 x 32 px, rounded
+    shifted = Predictor(dataclasses.replace(bundle, test_time=both), batch_size=4)
+    images = np.random.default_rng(6).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
+    edge = np.arange(SIZE)
+    views = [images[:, np.clip(edge - dy, 0, SIZE - 1)][:, :, np.clip(edge - dx, 0, SIZE - 1)]
+             for dy, dx in [(0, 0), (0, 3), (0, -3), (3, 0), (-3, 0)]]
+    assert (views[1][:, :, 3:] == images[:, :, :-3]).all() and (views[1][:, :, :3] == images[:, :, :1]).all()
+    raw = np.mean([plain.forward(v).numpy() for v in views + [v[:, :, ::-1] for v in views]], axis=0)
+    np.testing.assert_allclose(shifted.probabilities(images), apply_temperature(raw, TEMPERATURE), rtol=1e-5)
+    np.testing.assert_allclose(shifted.probabilities(images), shifted.probabilities(images[:, :, ::-1]),
+                               rtol=0, atol=1e-6)
+    flipped = Predictor(dataclasses.replace(bundle, test_time=TestTimeAugmentation(flip=True)), batch_size=4)
+    assert not np.allclose(shifted.probabilities(images), flipped.probabilities(images), atol=1e-4)  # a real test
+
+
+@pytest.mark.fast
+def test_a_test_time_shift_outside_a_quarter_of_the_side_is_refused_at_load(tmp_path):
+    from pydantic import ValidationError
+
+    from emotion_ray.config import ModelConfig
+    from emotion_ray.inference import TestTimeAugmentation, bundle_from_files
+
+    assert TestTimeAugmentation.of({"classes": CLASSES}) == TestTimeAugmentation()  # older labels.json: one view
+    assert TestTimeAugmentation.of(ModelConfig(test_time_flip=True, test_time_shift=0.0625)).views == 10
+    (tmp_path / "model.keras").write_bytes(b"a model")
+    for shift, shown in ((0.5, "0.5"), ("3px", "'3px'"), (-0.1, "-0.1")):
+        (tmp_path / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE,
+                                                          "test_time_shift": shift}))
+        with pytest.raises(ConfigError, match=f"test_time_shift {shown} is not a fraction of the side between 0 and"):
+            bundle_from_files(str(tmp_path / "model.keras"), str(tmp_path / "labels.json"))
+    with pytest.raises(ValidationError, match="less than or equal to 0.25"):
+        ModelConfig(test_time_shift=0.3)
 
 
 def test_predict_cli_prints_label_and_json(model_dir, images_with_bad_files):
@@ -376,9 +419,9 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
     run_id = tracking.start_run(mcfg, "r", {"a": 1})
     export = tmp_path / "export"
     shutil.copytree(model_dir, export)
-    # With test-time flip averaging on, as the face recipe's runs have it: every path averages the same way.
+    # With test-time flip and shifts on, as the face recipe's runs have them: every path averages the same views.
     labels = json.loads((export / "labels.json").read_text())
-    (export / "labels.json").write_text(json.dumps({**labels, "test_time_flip": True}))
+    (export / "labels.json").write_text(json.dumps({**labels, "test_time_flip": True, "test_time_shift": 0.1}))
     assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
     assert list((tmp_path / "mlartifacts" / "score-tests").rglob("model.keras")), "artifacts belong beside the db"
     images = sorted(str(p) for p in (images_with_bad_files / "angry").glob("angry_*"))[:3]

@@ -85,6 +85,7 @@ def test_run_directory_holds_everything(trained):
     assert result["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
     labels = json.loads((run_dir / "labels.json").read_text())
     assert labels["classes"] == ["angry", "happy", "sad"]
+    assert (labels["test_time_flip"], labels["test_time_shift"]) == (False, 0.0)  # the defaults: one view
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["categorical_accuracy"] == result["categorical_accuracy"]
     # Calibration: T fitted on val, stored where the Predictor reads it, ECE on test before and after.
@@ -101,14 +102,17 @@ def test_saved_model_reproduces_the_reported_test_metrics(trained, prepared_demo
 
     result, run_dir, _ = trained
     model = load_model(str(run_dir / "model.keras"))  # safe_mode=True
-    correct = total = 0
-    for batch in load_split(str(prepared_demo), "test").iter_batches(batch_size=64, batch_format="numpy"):
-        # Rebuilt here from the raw bytes, independently of the training input code.
-        images = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(48, 48, 3) for b in batch["image"]])
-        probs = model.predict(images, verbose=0)
-        correct += int((probs.argmax(1) == batch["label_index"]).sum())
-        total += len(probs)
-    assert total == result["test_rows"] and correct / total == pytest.approx(result["categorical_accuracy"])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for split, rows, reported in (("test", result["test_rows"], result["categorical_accuracy"]),
+                                  ("val", metrics["calibration"]["val_rows"], metrics["val_categorical_accuracy"])):
+        correct = total = 0
+        for batch in load_split(str(prepared_demo), split).iter_batches(batch_size=64, batch_format="numpy"):
+            # Rebuilt here from the raw bytes, independently of the training input code.
+            images = np.stack([np.frombuffer(b, dtype=np.uint8).reshape(48, 48, 3) for b in batch["image"]])
+            probs = model.predict(images, verbose=0)
+            correct += int((probs.argmax(1) == batch["label_index"]).sum())
+            total += len(probs)
+        assert total == rows > 10 and correct / total == pytest.approx(reported), split
 
 
 def test_report_shows_the_most_confident_test_mistakes_and_where_the_model_looked(trained, prepared_demo):
