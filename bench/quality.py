@@ -138,7 +138,7 @@ def reevaluated(run_dir: str, dataset: str, test_time: TestTimeAugmentation) -> 
     metrics = evaluate_checkpoint(Checkpoint(str(last)), dataset, StorageConfig(), manifest["classes"],
                                   manifest["image_size"], explain=False, test_time=test_time)["metrics"]
     return {**test_time.as_labels(), "views": test_time.views,
-            "val_accuracy": round(metrics["val_categorical_accuracy"], 4),
+            "val_accuracy": round(metrics["saved_model_val_accuracy"], 4),
             "accuracy": round(metrics["categorical_accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
             "recall": {c: round(v["recall"], 4) for c, v in metrics["per_class"].items()},
             "wall_seconds": round(time.perf_counter() - start, 1)}

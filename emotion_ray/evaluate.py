@@ -91,7 +91,7 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     see _explained_mistakes; with `explain=False`, for a caller that writes no report, none:
     `mistakes` is []). A split the dataset lacks counts 0 rows (T = 1). Every probability averages
     the views of `test_time` (inference.TestTimeAugmentation), as the exported model's
-    predictions will; `val_categorical_accuracy` is val's accuracy with the same views."""
+    predictions will; `saved_model_val_accuracy` is val's accuracy with the same views."""
     from emotion_ray.calibration import calibration_report, choose_temperature
     from emotion_ray.explain import WorstMistakes
     from emotion_ray.inference import ModelBundle, Predictor
@@ -116,7 +116,7 @@ def evaluate_checkpoint(checkpoint, dataset_uri: str, storage_cfg: StorageConfig
     metrics = classification_metrics(confusion_matrix(test_labels, test_probs.argmax(axis=1), len(classes)), classes)
     metrics.update(calibration_report(val_probs, val_labels, test_probs, test_labels, fitted=fitted))
     # What a caller choosing inference settings (views, a threshold) may look at; test stays for the report.
-    metrics["val_categorical_accuracy"] = (float((val_probs.argmax(axis=1) == val_labels).mean())
+    metrics["saved_model_val_accuracy"] = (float((val_probs.argmax(axis=1) == val_labels).mean())
                                            if len(val_labels) else None)
     return {"model_bytes": model_bytes, "state": state, "metrics": metrics,
             "mistakes": _explained_mistakes(predictor.model, mistakes, REPORT_CAMS) if explain else []}

@@ -59,10 +59,13 @@ class TestTimeAugmentation:
     def of(cls, settings) -> "TestTimeAugmentation":
         """From labels.json's dict or a ModelConfig (`test_time_flip`, `test_time_shift`)."""
         get = settings.get if isinstance(settings, dict) else lambda key, default: getattr(settings, key, default)
-        shift = get("test_time_shift", 0.0) or 0.0
-        if not isinstance(shift, (int, float)) or not 0 <= shift <= 0.25:
+        flip, shift = get("test_time_flip", False), get("test_time_shift", 0.0)
+        if flip is not None and not isinstance(flip, bool):
+            raise ConfigError(f"test_time_flip {flip!r} is not true or false")
+        if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
+                                  or not 0 <= shift <= 0.25):
             raise ConfigError(f"test_time_shift {shift!r} is not a fraction of the side between 0 and 0.25")
-        return cls(bool(get("test_time_flip", False)), float(shift))
+        return cls(bool(flip), float(shift or 0.0))
 
     def as_labels(self) -> dict[str, Any]:
         """The labels.json keys that make every later prediction average the same views."""
@@ -138,12 +141,17 @@ def _content_id(data: bytes) -> str:
 
 def _bundle(data: bytes, labels: dict, model_id: str) -> ModelBundle:
     """A bundle from a model file's bytes and its labels.json's contents (ConfigError on a
-    temperature that is not a positive number or a test_time_shift outside 0..0.25)."""
+    temperature that is not a positive number, a test_time_flip that is not a bool or a
+    test_time_shift outside 0..0.25)."""
     temperature = labels.get("temperature", 1.0)
     if not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf"):
         raise ConfigError(f"model {model_id}: labels.json temperature {temperature!r} is not a positive number")
+    try:
+        test_time = TestTimeAugmentation.of(labels)
+    except ConfigError as e:
+        raise ConfigError(f"model {model_id}: labels.json {e}") from None
     return ModelBundle(data, labels["classes"], labels["image_size"], model_id, labels.get("faces"),
-                       float(temperature), TestTimeAugmentation.of(labels))
+                       float(temperature), test_time)
 
 
 def share_gpus() -> None:
@@ -163,8 +171,9 @@ def share_gpus() -> None:
 
 
 def forward_pass(model, test_time: TestTimeAugmentation = TestTimeAugmentation()):
-    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images (N, H, W, 3) ->
-    probabilities (N, classes).
+    """`model`'s forward pass (inference mode) as one compiled graph: uint8 images (N, H, W, 3),
+    N >= 1 (TensorFlow's convolutions refuse an empty batch; Predictor pads) -> probabilities
+    (N, classes). ConfigError for a shift on a model without a fixed input size.
 
     With test-time augmentation (`TestTimeAugmentation`), the mean of the probabilities of the
     image's views: with `flip` the answer is the same for an image and its mirror.
@@ -178,6 +187,8 @@ def forward_pass(model, test_time: TestTimeAugmentation = TestTimeAugmentation()
     if test_time.views == 1:
         return tf.function(lambda images: model(images, training=False), input_signature=[spec])
     height, width = model.input_shape[1:3]
+    if test_time.shift and (height is None or width is None):
+        raise ConfigError(f"test_time_shift needs a model with a fixed input size; this one takes {model.input_shape}")
 
     def moved(images, dy, dx):
         # Gathering clipped indices repeats the edge rows and columns into the space a shift opens.
@@ -188,9 +199,12 @@ def forward_pass(model, test_time: TestTimeAugmentation = TestTimeAugmentation()
         views = [images if (dy, dx) == (0, 0) else moved(images, dy, dx) for dy, dx in test_time.offsets(height)]
         if test_time.flip:
             views += [tf.reverse(v, axis=[2]) for v in views]
-        # One batch of all views: the same kernels (and float32 rounding) for every view.
-        probabilities = model(tf.concat(views, axis=0), training=False)
-        return tf.reduce_mean(tf.reshape(probabilities, [len(views), tf.shape(images)[0], -1]), axis=0)
+        # One model call per view, not one batch of all of them: memory stays that of the caller's
+        # batch (10 views of a 256 batch of 224 px pictures would not fit a small GPU).
+        total = model(views[0], training=False)
+        for view in views[1:]:
+            total += model(view, training=False)
+        return total / len(views)
 
     return tf.function(averaged, input_signature=[spec])
 

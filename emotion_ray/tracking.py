@@ -274,7 +274,9 @@ def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, metrics: dict[st
 
     mlflow.set_tracking_uri(cfg.tracking_uri)
     c = client(cfg.tracking_uri)
-    log_metrics(cfg.tracking_uri, run_id, {f"test_{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=0)
+    # Test figures, and the saved model's own (its val accuracy: not the per-epoch val_ curves').
+    log_metrics(cfg.tracking_uri, run_id, {k if k.startswith("saved_model_") else f"test_{k}": v
+                                           for k, v in metrics.items() if isinstance(v, float)}, step=0)
     if metrics.get("best_epoch") is not None:
         # The saved model is the best epoch's, not the last one's that the run page shows.
         log_metrics(cfg.tracking_uri, run_id, {"saved_model_epoch": metrics["best_epoch"]}, step=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emotion_ray.config import ConfigError, ModelConfig, TrainConfig, build_config
-from emotion_ray.inference import forward_pass
+from emotion_ray.inference import TestTimeAugmentation, forward_pass
 from emotion_ray.model import (
     GREY_WEIGHTS,
     KERAS_ZIP_MAGIC,
@@ -71,6 +71,14 @@ def test_forward_pass_is_predict_in_inference_mode_for_any_batch_size():
         x = rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
         np.testing.assert_allclose(forward(x).numpy(), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
     assert forward.experimental_get_tracing_count() == 1  # one trace for every batch size
+    # With test-time views too: (N, classes) for any N (N >= 1: TensorFlow's convolutions refuse an empty batch).
+    for views in (TestTimeAugmentation(flip=True), TestTimeAugmentation(flip=True, shift=0.1)):
+        averaged = forward_pass(model, views)
+        for n in (1, 5):
+            x = rng.integers(0, 256, (n, 24, 24, 3), dtype=np.uint8)
+            probs = averaged(x).numpy()
+            assert probs.shape == (n, 3) and np.allclose(probs.sum(axis=1), 1, atol=1e-5), (views, n)
+        assert averaged.experimental_get_tracing_count() == 1
 
 
 def _backbone_weights_file(arch: str, path, size: int = 32, seed: int = 0):

@@ -355,14 +355,21 @@ def test_a_test_time_shift_outside_a_quarter_of_the_side_is_refused_at_load(tmp_
     from emotion_ray.config import ModelConfig
     from emotion_ray.inference import TestTimeAugmentation, bundle_from_files
 
-    assert TestTimeAugmentation.of({"classes": CLASSES}) == TestTimeAugmentation()  # older labels.json: one view
     assert TestTimeAugmentation.of(ModelConfig(test_time_flip=True, test_time_shift=0.0625)).views == 10
-    (tmp_path / "model.keras").write_bytes(b"a model")
-    for shift, shown in ((0.5, "0.5"), ("3px", "'3px'"), (-0.1, "-0.1")):
-        (tmp_path / "labels.json").write_text(json.dumps({"classes": CLASSES, "image_size": SIZE,
-                                                          "test_time_shift": shift}))
-        with pytest.raises(ConfigError, match=f"test_time_shift {shown} is not a fraction of the side between 0 and"):
-            bundle_from_files(str(tmp_path / "model.keras"), str(tmp_path / "labels.json"))
+    model, labels = tmp_path / "model.keras", tmp_path / "labels.json"
+    model.write_bytes(b"a model")
+    for written, read in (({}, TestTimeAugmentation()),  # older labels.json: one view
+                          ({"test_time_flip": True, "test_time_shift": 0.1}, TestTimeAugmentation(True, 0.1)),
+                          ({"test_time_flip": None, "test_time_shift": None}, TestTimeAugmentation())):
+        labels.write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, **written}))
+        assert bundle_from_files(str(model), str(labels)).test_time == read
+    for key, value, problem in (("test_time_shift", 0.5, "0.5 is not a fraction of the side between 0 and 0.25"),
+                                ("test_time_shift", "3px", "'3px' is not a fraction"),
+                                ("test_time_shift", -0.1, "-0.1 is not a fraction"),
+                                ("test_time_flip", "false", "'false' is not true or false")):
+        labels.write_text(json.dumps({"classes": CLASSES, "image_size": SIZE, key: value}))
+        with pytest.raises(ConfigError, match=f"model sha256=.*: labels.json {key} {problem}"):
+            bundle_from_files(str(model), str(labels))
     with pytest.raises(ValidationError, match="less than or equal to 0.25"):
         ModelConfig(test_time_shift=0.3)
 
@@ -423,6 +430,9 @@ def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session
     labels = json.loads((export / "labels.json").read_text())
     (export / "labels.json").write_text(json.dumps({**labels, "test_time_flip": True, "test_time_shift": 0.1}))
     assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
+    from emotion_ray.inference import TestTimeAugmentation, resolve_model
+
+    assert resolve_model("models:/scorable/1", StorageConfig(), uri).test_time == TestTimeAugmentation(True, 0.1)
     assert list((tmp_path / "mlartifacts" / "score-tests").rglob("model.keras")), "artifacts belong beside the db"
     images = sorted(str(p) for p in (images_with_bad_files / "angry").glob("angry_*"))[:3]
     missing = str(tmp_path / "gone.jpg")
