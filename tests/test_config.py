@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -156,3 +157,15 @@ def test_tracking_uri_flag_beats_mlflow_tracking_uri_which_beats_the_default(mon
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert tracking_uris() == ("http://from-env:5000",) * 2
     assert tracking_uris("--tracking-uri", "http://from-flag:5000") == ("http://from-flag:5000",) * 2
+
+
+def test_shipped_train_configs_validate():
+    from emotion_ray.inference import TestTimeAugmentation
+
+    root = Path(__file__).resolve().parents[1] / "train_configs"
+    paths = sorted(root.glob("*.yaml"))
+    assert "face_recipe.yaml" in {p.name for p in paths}
+    for path in paths:
+        load_config(TrainConfig, str(path), {"data": "prepared"})  # the placeholder is the one key to give
+    recipe = load_config(TrainConfig, str(root / "face_recipe.yaml"), {"data": "prepared"})
+    assert recipe.model.architecture == "face_cnn" and TestTimeAugmentation.of(recipe.model).views == 10
