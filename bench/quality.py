@@ -219,6 +219,8 @@ def main() -> None:
 
     if args.full_run:
         full = summary(args.full_run, None)
+        # The reused run's own span, not the flag's default, goes into the table and the record.
+        args.epochs = load_config(TrainConfig, str(Path(args.full_run, "config.yaml")), {}).epochs
     else:
         full = train(full_data, f"full_{stamp}", args.epochs)
     print("full:", json.dumps(full), flush=True)
