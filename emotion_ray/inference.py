@@ -80,8 +80,8 @@ class TestTimeAugmentation:
 
     @property
     def views(self) -> int:
-        """Forward passes per image."""
-        return (5 if self.shift else 1) * (2 if self.flip else 1)
+        """Forward passes per image: each offset, and its mirror with `flip`."""
+        return len(self.offsets(1)) * (2 if self.flip else 1)
 
 
 @dataclass(frozen=True)
