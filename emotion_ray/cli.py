@@ -9,8 +9,8 @@ keeps a bar and a short summary; `--verbose` shows everything, `--json` prints t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import sys
 import traceback
 from typing import Any, Callable
@@ -89,6 +89,13 @@ PREDICT_FLAGS: list[Flag] = [
     ("--faces", "faces.mode", {"choices": ["none", "largest", "all"], "help": "default: as the model was trained"}),
     ("--min-confidence", "min_confidence", {"type": float, "help": MIN_CONFIDENCE_HELP}),
     ("--s3-endpoint-url", "storage.s3_endpoint_url", {}),
+    ("--annotate", "annotate", {"metavar": "FOLDER", "help": "write each picture with its faces boxed and "
+                                "labelled into FOLDER, at its path relative to the pictures' common folder: "
+                                "a/x.jpg -> FOLDER/a/x.annotated.jpg (a JPEG stays JPEG, other formats become "
+                                ".png; pictures that would share a name add 8 hex digits of their path's hash). "
+                                "FOLDER must be empty or an earlier predict's"}),
+    ("--overwrite", "overwrite", {"action": "store_const", "const": True,
+                                  "help": "replace the pictures an earlier predict --annotate wrote in FOLDER"}),
 ]
 
 
@@ -189,9 +196,23 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     cfg = _config_from_args(PredictConfig, args, PREDICT_FLAGS, positional=("inputs",))
+    from emotion_ray.annotate import Annotations
     from emotion_ray.inference import predict
 
-    results = predict(cfg)
+    with contextlib.ExitStack() as stack:
+        # Claimed before the model loads: a folder that is not ours stops the run at once.
+        annotations = (stack.enter_context(Annotations(cfg.annotate, cfg.inputs, cfg.storage, cfg.decode_limits(),
+                                                       cfg.overwrite)) if cfg.annotate else None)
+        results = predict(cfg)
+        _print_predictions(args, cfg, results)
+        drawn = annotations.write(results) if annotations else []
+    for d in drawn:
+        print(f"annotated: {d['annotated']}" if d["annotated"] else f"not annotated: {d['path']}: ERROR {d['error']}",
+              file=console.err())
+    return 0 if all(r["error"] is None for r in [*results, *drawn]) else 1
+
+
+def _print_predictions(args: argparse.Namespace, cfg: PredictConfig, results: list[dict[str, Any]]) -> None:
     out = console.out()
     if args.json:
         print(json.dumps(results, indent=2), file=out)
@@ -207,15 +228,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         unsure = sum(r["label"] == UNCERTAIN for r in results)
         print(f"{unsure} of {len(results)} rows {UNCERTAIN} (top probability below {cfg.min_confidence:g})",
               file=console.err() if args.json else out)
-    if args.annotate:
-        from emotion_ray.annotate import annotate
-
-        for path in dict.fromkeys(r["path"] for r in results):
-            stem = os.path.splitext(os.path.basename(path.split("::")[0] if path.startswith(("zip:", "tar:")) else path))[0]
-            out = annotate(path, [r for r in results if r["path"] == path],
-                           os.path.join(args.annotate, f"{stem}.annotated.png"), cfg.storage)
-            print(f"annotated: {out}", file=console.err())
-    return 0 if all(r["error"] is None for r in results) else 1
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -262,8 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="predict a few images (same code path as score)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE")
     _add_flags(p, PREDICT_FLAGS)
-    p.add_argument("--annotate", metavar="FOLDER", help="write each picture with its faces boxed and labelled "
-                   "(PNG) into FOLDER")
     p.set_defaults(func=cmd_predict)
     return parser
 

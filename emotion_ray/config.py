@@ -360,11 +360,18 @@ class InferenceConfig(DecodeLimits):
 
 class PredictConfig(InferenceConfig):
     inputs: list[str] = Field(min_length=1, description="Image files (local, s3:// or archive members).")
+    annotate: str | None = Field(
+        None, description="Folder (or s3:// prefix) for each picture with its faces boxed and labelled, named "
+        "after its path relative to the inputs' common folder (annotate.py). Unset: nothing is written.")
+    overwrite: bool = Field(False, description="With annotate: replace the pictures an earlier predict wrote "
+                            "there (only those its marker lists).")
 
     @model_validator(mode="after")
     def _default_batch(self) -> PredictConfig:
         if self.batch_size is None:
             self.batch_size = CPU_SCORE_BATCH  # the same padded batch as score on CPU: the same outputs
+        if self.overwrite and not self.annotate:
+            raise ValueError("overwrite: only with annotate (the one folder predict writes)")
         return self
 
 

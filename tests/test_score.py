@@ -595,7 +595,9 @@ def test_predict_prints_every_face_and_annotates_the_picture(model_dir, people_p
                           "--annotate", str(tmp_path / "seen")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [line.split(" at ")[0].split()[-2:] for line in res.stdout.splitlines()] == [["face", "0"], ["face", "1"]]
-    drawn = Image.open(tmp_path / "seen" / "two_people.annotated.png").convert("RGB")
+    drawn = Image.open(tmp_path / "seen" / "two_people.annotated.jpg")
+    assert drawn.format == "JPEG"  # a JPEG stays JPEG
+    drawn = drawn.convert("RGB")
     original = Image.open(people_photos / "two_people.jpg").convert("RGB")
     assert drawn.size == original.size
     box = [int(v) for v in res.stdout.splitlines()[0].split(" at [")[1].split("]")[0].split(",")]
