@@ -9,10 +9,14 @@ import numpy as np
 import pytest
 
 from emotion_ray.calibration import (
+    MIN_VAL_ROWS,
     apply_temperature,
+    calibration_folds,
     calibration_report,
+    choose_temperature,
     expected_calibration_error,
     fit_temperature,
+    held_out_nll,
     min_confidence_for_precision,
     negative_log_likelihood,
     reliability_bins,
@@ -132,3 +136,80 @@ def test_a_perfectly_classified_validation_split_keeps_the_raw_softmax():
     report = calibration_report(val_probs, val_labels, test_probs, test_labels)
     assert report["temperature"] == 1.0 and report["calibration"]["fit"] == "no_minimum_in_range"
     assert report["ece_after"] == report["ece_before"]
+
+
+def test_cross_validation_holds_every_row_out_once_in_stratified_folds():
+    probs, labels = synthetic(103, 0.5, seed=8)
+    fold = calibration_folds(labels)
+    assert (fold == calibration_folds(labels)).all()  # deterministic
+    assert sorted(np.unique(fold)) == [0, 1, 2, 3, 4]
+    for k in range(3):  # each class dealt round-robin: its rows spread over the folds within one
+        per_fold = np.bincount(fold[labels == k], minlength=5)
+        assert per_fold.max() - per_fold.min() <= 1, per_fold
+    cv = held_out_nll(probs, labels)
+    assert cv["rows"] == 103 and len(cv["fold_temperatures"]) == 5
+    assert cv["nll_raw"] == pytest.approx(negative_log_likelihood(probs, labels))
+    # Each held-out NLL uses a T fitted without its rows: never below what the full-data fit gets on them.
+    assert cv["nll_held_out"] >= negative_log_likelihood(probs, labels, fit_temperature(probs, labels)) - 1e-12
+    with pytest.raises(ValueError, match="at least 5 rows"):
+        held_out_nll(probs[:4], labels[:4])
+
+
+def test_a_small_validation_split_keeps_the_raw_softmax_and_says_why():
+    """A really over-confident model, but fewer validation rows than a temperature needs: T = 1."""
+    val_probs, val_labels = synthetic(MIN_VAL_ROWS - 1, 0.5, seed=9)
+    test_probs, test_labels = synthetic(2000, 0.5, seed=10)
+    assert abs(fit_temperature(val_probs, val_labels) - 1) > 0.3  # a fit exists, and it is not kept
+    report = calibration_report(val_probs, val_labels, test_probs, test_labels)
+    assert report["temperature"] == 1.0 and report["calibration"]["fit"] == "too_few_rows"
+    assert f"{MIN_VAL_ROWS - 1} validation rows" in report["temperature_reason"]
+    assert report["ece_after"] == report["ece_before"] and report["calibration"]["warnings"] == []
+    json.dumps(report, allow_nan=False)
+
+
+def test_a_noisy_fit_on_a_calibrated_model_is_not_kept():
+    """A calibrated model (true T = 1) and 120 validation rows: the fitted T strays from 1 by noise;
+    on rows it was not fitted on it does not help, so T = 1, and the test split (2,000 rows, never
+    used to choose) confirms that keeping it would have raised the ECE."""
+    val_probs, val_labels = synthetic(120, 1.0, seed=23)  # fitted T = 0.69: sharpening, as the demo's 0.54
+    test_probs, test_labels = synthetic(2000, 1.0, seed=12)
+    fitted = fit_temperature(val_probs, val_labels)
+    assert abs(fitted - 1) > 0.25, fitted
+    choice = choose_temperature(val_probs, val_labels)
+    assert (choice.temperature, choice.fit, choice.fitted) == (1.0, "no_held_out_gain", fitted)
+    cv = choice.cross_validation
+    assert cv["gain"] <= cv["gain_standard_error"] and "not fitted on" in choice.reason
+    report = calibration_report(val_probs, val_labels, test_probs, test_labels, fitted=choice)
+    assert report["temperature"] == 1.0 and report["temperature_reason"] == choice.reason
+    assert report["calibration"]["fitted_temperature"] == fitted and report["calibration"]["cross_validation"] == cv
+    raw_ece = expected_calibration_error(test_probs, test_labels)
+    assert expected_calibration_error(apply_temperature(test_probs, fitted), test_labels) > raw_ece
+    assert report["ece_after"] == report["ece_before"] == raw_ece
+
+
+@pytest.mark.parametrize("true_temperature", [0.5, 2.0])
+def test_a_real_miscalibration_on_enough_rows_is_kept_and_helps_held_out_rows(true_temperature):
+    val_probs, val_labels = synthetic(400, true_temperature, seed=13)
+    test_probs, test_labels = synthetic(2000, true_temperature, seed=14)
+    report = calibration_report(val_probs, val_labels, test_probs, test_labels)
+    cal = report["calibration"]
+    assert cal["fit"] == "nll_minimum" and report["temperature"] == fit_temperature(val_probs, val_labels)
+    assert report["temperature"] == pytest.approx(1 / true_temperature, rel=0.2)
+    cv = cal["cross_validation"]
+    assert cv["gain"] > 3 * cv["gain_standard_error"] and cv["ece_held_out"] < cv["ece_raw"]
+    assert cal["test_nll_after"] < cal["test_nll_before"] and report["ece_after"] < report["ece_before"] / 2
+    assert report["temperature_reason"].startswith(f"T = {report['temperature']:.2f} kept")
+    assert cal["warnings"] == [] and cal["ece_worse"] is False
+
+
+def test_a_kept_temperature_that_makes_test_ece_worse_is_reported():
+    """Val over-confident (T ~ 2 kept), test calibrated (a shift between them): the softened test
+    probabilities are under-confident. The test split does not overrule val, but the report says so."""
+    val_probs, val_labels = synthetic(400, 0.5, seed=15)
+    test_probs, test_labels = synthetic(2000, 1.0, seed=16)
+    report = calibration_report(val_probs, val_labels, test_probs, test_labels)
+    assert report["temperature"] > 1.5 and report["ece_after"] > report["ece_before"]
+    cal = report["calibration"]
+    assert cal["ece_worse"] is True
+    assert any(f"raised the test ECE from {report['ece_before']:.3f} to {report['ece_after']:.3f}" in w
+               for w in cal["warnings"]), cal["warnings"]
