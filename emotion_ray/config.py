@@ -275,7 +275,14 @@ class TrainConfig(StrictModel):
         description="balanced: each class's loss weighted by n / (k x its count) in train (scikit-learn's "
         "definition), so every class weighs the same in total.",
     )
-    early_stopping_patience: int = Field(3, ge=1)
+    early_stopping_patience: int = Field(3, ge=1, description="Epochs without a lower val_loss before a run stops.")
+    # Measured (README, train): the seed CNN on 192 demo faces sat at chance for 4-15 epochs before its
+    # val_loss fell; patience alone stopped such runs with their chance-level first epochs kept.
+    early_stopping_chance_margin: float | None = Field(
+        0.05, ge=0, lt=1, description="Early stopping ends a run only once it has learned: its best val_loss at "
+        "least this fraction below chance level (metrics.chance_loss: the val loss of answering every picture "
+        "with the training split's class shares; ln 3 = 1.099 for three balanced classes). Until then the run "
+        "goes on, up to `epochs`. null: early stopping from the first epoch, whatever the loss.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
     image_size: int | None = Field(None, ge=8, le=2048, description="Only when preparing on the fly.")
     seed: int = 0

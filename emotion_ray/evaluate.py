@@ -187,7 +187,7 @@ def _reliability_plot(plt, path: str, metrics: dict[str, Any]) -> None:
     fig, (ax, counts) = plt.subplots(2, 1, figsize=(5.5, 6), sharex=True, height_ratios=[3, 1])
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
     fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
-    kept = "" if cal["fit"] == "nll_minimum" else " (not fitted)"  # calibration.fit says why
+    kept = "" if cal["fit"] == "nll_minimum" else " (not kept)"  # temperature_reason says why
     for stats, shift, colour, name in ((before, 0.0, "orange", f"raw softmax, ECE {fmt(metrics['ece_before'])}"),
                                        (after, 0.5, "teal", f"T = {metrics['temperature']:.2f}{kept}, "
                                                             f"ECE {fmt(metrics['ece_after'])}")):
@@ -216,7 +216,7 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
     out = evaluate_best(checkpoint, dataset_uri, cfg.storage, classes, image_size, cfg.use_gpu, test_time=test_time)
     state, metrics = out["state"], out["metrics"]
     metrics.update(best_epoch=state["best_epoch"], epochs_run=state["epoch"], best_val_loss=state["best_val_loss"],
-                   training_starts=state["starts"])
+                   training_starts=state["starts"], **learning_verdict(cfg, manifest, state["best_val_loss"]))
 
     with tempfile.TemporaryDirectory() as export_dir:
         files = {
@@ -247,6 +247,21 @@ def export_run(checkpoint, cfg: TrainConfig, dataset_uri: str, manifest: dict[st
 
             metrics["registered_model"] = tracking.finish_run(cfg.mlflow, mlflow_run_id, export_dir, metrics)
     return metrics
+
+
+def learning_verdict(cfg: TrainConfig, manifest: dict[str, Any], best_val_loss: float | None) -> dict[str, Any]:
+    """metrics.json's `chance_val_loss` (metrics.chance_loss of the val split; None without val rows)
+    and `learned`: whether the best val_loss beat it by early_stopping_chance_margin (by anything
+    when that is null; None when there is no chance level to beat). A run that has not learned
+    answers at chance: the train summary says so."""
+    from emotion_ray.early_stopping import learned_below
+    from emotion_ray.metrics import chance_loss
+
+    chance = chance_loss(manifest["counts"]["train"], manifest["counts"]["val"], manifest["classes"])
+    learned = None
+    if chance is not None and best_val_loss is not None:
+        learned = bool(best_val_loss < learned_below(chance, cfg.early_stopping_chance_margin or 0.0))
+    return {"chance_val_loss": chance, "learned": learned}
 
 
 def _run_details(cfg: TrainConfig, dataset_uri: str, image_size: int) -> str:

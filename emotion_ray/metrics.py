@@ -46,3 +46,17 @@ def classification_metrics(confusion, classes: list[str]) -> dict[str, Any]:
         },
         "confusion_matrix": {"labels": classes, "rows_true_cols_predicted": confusion.tolist()},
     }
+
+
+def chance_loss(train_counts: dict[str, int], eval_counts: dict[str, int], classes: list[str]) -> float | None:
+    """Chance level of the categorical cross-entropy (nats per row): the loss on a split with
+    `eval_counts` rows per class of a model that answers every row with the training split's class
+    shares (`train_counts`), the best a model that ignores its input can do there. ln K for K
+    balanced classes (1.099 for three). Shares are add-one smoothed ((n_c + 1) / (n + K), Laplace's
+    rule), so a class missing from train stays finite. None when the split has no rows."""
+    n_eval = sum(eval_counts.get(c, 0) for c in classes)
+    if not n_eval:
+        return None
+    n_train = sum(train_counts.get(c, 0) for c in classes)
+    return float(-sum(eval_counts.get(c, 0) / n_eval * np.log((train_counts.get(c, 0) + 1) / (n_train + len(classes)))
+                      for c in classes))

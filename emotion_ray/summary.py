@@ -60,10 +60,20 @@ def train_text(r: dict[str, Any], cfg) -> str:
                    f"{cfg.early_stopping_patience} epochs)")
     lines = [f"trained {r['run_dir']}: {epochs}, the best (epoch {r['best_epoch']}) saved",
              f"  test         accuracy {r['categorical_accuracy']:.3f}, macro precision {r['macro_precision']:.3f}, "
-             f"macro recall {r['macro_recall']:.3f} on {r['test_rows']} images",
-             f"  run          {r['run_dir']}: model.keras, labels.json, metrics.json, history.csv, "
-             "loss.png, accuracy.png, confusion_matrix.png",
-             f"  report       {r['run_dir'].rstrip('/')}/report.html  (open it in a browser)"]
+             f"macro recall {r['macro_recall']:.3f} on {r['test_rows']} images"]
+    if r.get("learned") is False:  # a model at chance must not pass for a trained one
+        margin = cfg.early_stopping_chance_margin or 0.0
+        lines.append(f"  warning      not learned: the best val_loss {r['best_val_loss']:.3f} is not "
+                     f"{margin:.0%} below chance level {r['chance_val_loss']:.3f}, so the model answers about "
+                     "as well as guessing; train longer (--epochs) or on more pictures")
+    if "temperature" in r:  # why T is what it is, and any held-out data it made worse
+        lines.append("  calibration  " + (r.get("temperature_reason") or f"T = {r['temperature']:.2f}")
+                     + ("" if r.get("ece_before") is None else
+                        f"; test ECE {r['ece_before']:.3f} -> {r['ece_after']:.3f}"))
+        lines += [f"  warning      {w}" for w in (r.get("calibration") or {}).get("warnings", [])]
+    lines += [f"  run          {r['run_dir']}: model.keras, labels.json, metrics.json, history.csv, "
+              "loss.png, accuracy.png, confusion_matrix.png",
+              f"  report       {r['run_dir'].rstrip('/')}/report.html  (open it in a browser)"]
     if r.get("mlflow_run_id"):
         registered = f", registered as {r['registered_model']}" if r.get("registered_model") else ""
         lines += [f"  MLflow       run {r['mlflow_run_id']}{registered}",
@@ -133,8 +143,12 @@ def main(demo_dir: str) -> int:
     for label, m in metrics["per_class"].items():
         print(f"             {label:6s} precision {m['precision']:.3f}  recall {m['recall']:.3f}  n={m['support']}")
     if metrics.get("ece_before") is not None:
-        print(f"calibration  temperature {metrics['temperature']:.2f} (fitted on val): test ECE "
+        print(f"calibration  temperature {metrics['temperature']:.2f}: test ECE "
               f"{metrics['ece_before']:.3f} -> {metrics['ece_after']:.3f}")
+        if metrics.get("temperature_reason"):
+            print(f"             {metrics['temperature_reason']}")
+        for warning in metrics.get("calibration", {}).get("warnings", []):
+            print(f"             warning: {warning}")
     print(f"predictions  {root / 'predictions'}  ({scores['rows']} rows: {_counts(scores['labels'])}; "
           f"errors {_counts(scores['errors'])})")
     print(f"             Parquet: {scores.get('parquet', root / 'predictions')}  columns: path, label, confidence, "

@@ -122,6 +122,7 @@ def build_trainer(
 
     from emotion_ray.backbones import resolve_weights
     from emotion_ray.dataset import load_split
+    from emotion_ray.metrics import chance_loss
     from emotion_ray.tf_backend import MultiWorkerTFConfig
 
     if backbone_weights is None:
@@ -146,6 +147,7 @@ def build_trainer(
             "backbone_weights": backbone_weights,
             "steps_per_epoch": -(-manifest["split_rows"]["train"] // cfg.batch_size),
             "train_counts": manifest["counts"]["train"],
+            "chance_val_loss": chance_loss(manifest["counts"]["train"], manifest["counts"]["val"], manifest["classes"]),
             "progress": progress,
         },
         scaling_config=ray.train.ScalingConfig(

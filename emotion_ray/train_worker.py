@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from emotion_ray import model as model_lib
 from emotion_ray.config import TrainConfig
+from emotion_ray.early_stopping import learned_below, stops_early
 from emotion_ray.images import pixels_from_arrow
 
 STATE_FILE = "state.json"
@@ -87,18 +88,19 @@ def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffl
 
 
 class EpochCheckpoint(tf.keras.callbacks.Callback):
-    """Early stopping on val_loss, best-model tracking, and a checkpoint + report every epoch.
+    """Early stopping on val_loss (stops_early), best-model tracking, and a checkpoint + report every epoch.
 
     `state` (see fresh_state) is updated in place; `work_dir` holds this worker's best model;
-    `on_report(metrics, epoch)` runs on the chief before each report (live MLflow metrics);
-    `progress` (a console.Tally handle, or None) gets the chief's epoch count for the driver's bar.
+    `bar`: learned_below's val_loss (None: none); `on_report(metrics, epoch)` runs on the chief
+    before each report (live MLflow metrics); `progress` (a console.Tally handle, or None) gets
+    the chief's epoch count for the driver's bar.
     """
 
     def __init__(self, state: dict[str, Any], work_dir: str, patience: int, rank: int, on_report=None,
-                 progress=None):
+                 progress=None, bar: float | None = None):
         super().__init__()
         self.state, self.work_dir, self.patience, self.rank = state, work_dir, patience, rank
-        self.on_report, self.progress = on_report, progress
+        self.on_report, self.progress, self.bar = on_report, progress, bar
         self.started = self.cpu_started = 0.0
 
     def on_epoch_begin(self, epoch, logs=None):
@@ -122,7 +124,7 @@ class EpochCheckpoint(tf.keras.callbacks.Callback):
         state["epoch"] = epoch_no
         state["history"].append({"epoch": epoch_no, **metrics})
         # val_loss is all-reduced, so every worker takes the same stopping decision.
-        if state["bad_epochs"] >= self.patience:
+        if stops_early(state, self.patience, self.bar):
             self.model.stop_training = True
 
         # Every worker saves (saving may run collective ops); only the chief's is kept.
@@ -187,7 +189,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker function. `loop_config`: train (a TrainConfig as JSON), classes,
     image_size, mlflow_run_id (or None), cache_rows_per_worker, init_model (a ModelBundle or None),
     backbone_weights (the bytes of the backbone's weights file, or None), steps_per_epoch (optimizer
-    steps: ceil(train rows / global batch)), train_counts (rows per class)."""
+    steps: ceil(train rows / global batch)), train_counts (rows per class), chance_val_loss
+    (metrics.chance_loss of the val split, or None: early stopping's bar, see stops_early)."""
     import ray.train
 
     cfg = TrainConfig.model_validate(loop_config["train"])
@@ -232,8 +235,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         def on_report(metrics: dict[str, float], epoch: int) -> None:
             tracking.log_metrics(cfg.mlflow.tracking_uri, loop_config["mlflow_run_id"], metrics, epoch)
 
+    bar = learned_below(loop_config.get("chance_val_loss"), cfg.early_stopping_chance_margin)
     callback = EpochCheckpoint(state, work_dir, cfg.early_stopping_patience, rank, on_report,
-                               loop_config.get("progress"))
+                               loop_config.get("progress"), bar)
     weights = (model_lib.class_weights(loop_config["train_counts"], classes) if cfg.class_weight == "balanced"
                else None)
 
@@ -249,7 +253,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                                    loop_config["steps_per_epoch"])
         # Fine-tuning starts a new phase: its epochs get the full patience.
         state.update(reused_frozen=False, bad_epochs=0)
-    if state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.early_stopping_patience:
+    if state["epoch"] < cfg.epochs and not stops_early(state, cfg.early_stopping_patience, bar):
         fit_until(cfg.epochs)
     else:
         # Restored after its last epoch: the driver died before the run was recorded as ended
