@@ -86,7 +86,14 @@ class PrepareConfig(DecodeLimits):
     splits: dict[str, float] = Field(default_factory=lambda: {"train": 0.7, "val": 0.2, "test": 0.1})
     split_by: Literal["hash", "folder"] = Field(
         "hash", description="hash: splits from each file's sha256 and `splits`; folder: each input holds "
-        "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders.")
+        "train/, val/ and test/ folders (as FER2013 and many published sets do), then the class folders; an "
+        "input without val/ (Kaggle's FER2013: train/ and test/) gets its validation split from train/ "
+        "(val_from_train).")
+    # FER2013's own val/ (PublicTest) is 11 % of its train/ + val/; a tenth of train/ is as many faces.
+    val_from_train: float = Field(
+        0.1, gt=0, lt=1, description="split_by folder, for an input with no val/ folder: the share of its train/ "
+        "pictures that becomes the validation split, chosen as hash splits are (by group: copies, near-duplicates "
+        "and group keys stay on one side; deterministic). Inputs with a val/ folder keep it.")
     # Bits of 64. The default groups resized, re-encoded and slightly cropped copies while unrelated
     # faces rarely chain into large groups, which 8 or 10 bits did (figures: README, "What pHash
     # catches"). pHash sets exactly 32 of its 64 bits, so distances are even: 6 and 7 group the same pairs.
@@ -119,6 +126,14 @@ class PrepareConfig(DecodeLimits):
         if compiled.groups < 1:
             raise ValueError(f"needs a capture group, the group key, e.g. ^([a-z]+)_\\d+ ; got {value!r}")
         return value
+
+    @property
+    def split_fractions(self) -> dict[str, float]:
+        """The fractions a sha256 point is cut by (prepare_tasks.split_of): `splits`, or with split_by
+        folder those that carve val from a train/ folder (the test split is always given there)."""
+        if self.split_by == "folder":
+            return {"train": 1.0 - self.val_from_train, "val": self.val_from_train, "test": 0.0}
+        return self.splits
 
     @property
     def grouping(self) -> bool:

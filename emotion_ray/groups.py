@@ -192,7 +192,8 @@ def plan_groups(paths: Sequence[str], content_hashes: Sequence[str], phashes: Se
     path) and give each group one split: `split_of(hex digest)` of its key's sha256 (of a lone
     file's own sha256), or with
     `given_splits` (split_by folder) each file's own, and then the groups that cross given
-    splits are only counted. `distance` 0 turns near-duplicate grouping off.
+    splits are only counted; a file whose given split is None takes its group's. `distance` 0
+    turns near-duplicate grouping off.
     """
     digests = sorted(set(content_hashes))
     node_of = {d: i for i, d in enumerate(digests)}
@@ -223,7 +224,8 @@ def plan_groups(paths: Sequence[str], content_hashes: Sequence[str], phashes: Se
     for i, (path, digest) in enumerate(zip(paths, content_hashes)):
         c = int(label[node_of[digest]])
         group[path] = canonical[c]
-        split[path] = given_splits[i] if given_splits is not None else group_split[c]
+        # A null given split (split_by folder, a train/ file of an input without val/): the group's own.
+        split[path] = given_splits[i] if given_splits is not None and given_splits[i] is not None else group_split[c]
         members.setdefault(c, set()).add(path)
         plain.setdefault(c, set()).add(split_of(digest))
         final.setdefault(c, set()).add(split[path])

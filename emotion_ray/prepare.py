@@ -64,11 +64,15 @@ class Listing:
     # URI -> (its real name, path relative to its input root, path within its class folder), all
     # unescaped (storage.unescape): what group keys read.
     names: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    # split_by folder: the inputs with no val/ folder, whose train/ files prepare splits into train and val.
+    val_from_train: list[str] = field(default_factory=list)
 
 
 def list_labelled_files(cfg: PrepareConfig) -> Listing:
     """Walk every root; label files by their first folder (with split_by folder: the split's
-    folder, then the class's); count what is skipped and why.
+    folder, then the class's); count what is skipped and why. With split_by folder, the train/
+    files of a root with no val/ file get a null given split (their sha256 point, cut by
+    cfg.split_fractions, makes them train or val) and the root is listed in `val_from_train`.
 
     Classes: `cfg.classes` matched case-insensitively against the folders (others are skipped
     as class_not_selected), or when unset every class folder found, sorted (as Keras'
@@ -79,6 +83,7 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
     candidates: list[tuple[str, str, str | None, str, str]] = []  # (uri, class folder, split, relative, in class)
     by_folder = cfg.split_by == "folder"
     for root in cfg.inputs:
+        first = len(candidates)
         if not storage.filesystem(root, cfg.storage).isdir(storage.strip_scheme(root)):
             raise ConfigError(f"input {root} is not a folder (or cannot be read)")
         for relative, uri in sources.walk_folder(root, cfg.storage):
@@ -96,6 +101,11 @@ def list_labelled_files(cfg: PrepareConfig) -> Listing:
                 listing.ignored.add(uri, "not_in_class_folder")
             else:
                 candidates.append((uri, parts[0], split, relative, "/".join(parts[1:])))
+        if by_folder and not any(c[2] == "val" for c in candidates[first:]):
+            # Kaggle's layout (train/ and test/ only): validation comes out of train/, by group.
+            listing.val_from_train.append(root)
+            candidates[first:] = [(u, f, None if split == "train" else split, r, i)
+                                  for u, f, split, r, i in candidates[first:]]
     if cfg.classes is None:
         spelling: dict[str, str] = {}
         for folder in sorted({candidate[1] for candidate in candidates}):
@@ -195,13 +205,17 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "classes": cfg.classes,
         "image_size": cfg.image_size,
         "image_format": IMAGE_FORMAT,
-        "split_fractions": cfg.splits,
-        "split_method": ("the inputs' train/val/test folders" if cfg.split_by == "folder" else
+        "split_fractions": cfg.split_fractions,
+        "split_method": (("the inputs' train/val/test folders" + (
+            f"; the train/ folder of {', '.join(listing.val_from_train)} (no val/ folder) split into train and "
+            f"val ({cfg.val_from_train:g} of its groups) as hash splits are" if listing.val_from_train else ""))
+                         if cfg.split_by == "folder" else
                          "per group (exact and near-duplicates, group keys): sha256(its smallest group_pattern/"
                          "group_file key, else its smallest file sha256 hex; a lone file: its bytes)[:16 hex] / "
                          "2**64 against cumulative train, val, test fractions" if cfg.grouping else
                          "sha256(file bytes)[:16 hex] / 2**64 against cumulative train, val, test fractions"),
         "sources": cfg.inputs,
+        **({"val_from_train": listing.val_from_train} if cfg.split_by == "folder" else {}),
         "files_found": listing.found,
         "rows": kept.num_rows,
         "counts": counts,
@@ -283,7 +297,7 @@ def _write_dataset(cfg: PrepareConfig, listing: Listing, keys: groups.UserKeys, 
         decoded = ds.map_batches(decode_rows, **decode).materialize()
         plan = _plan_groups(cfg, decoded, keys)
         ds = decoded.map_batches(with_split, batch_format="pyarrow",
-                                 fn_kwargs={"fractions": cfg.splits, "plan": ray.put(plan.table)})
+                                 fn_kwargs={"fractions": cfg.split_fractions, "plan": ray.put(plan.table)})
     else:
         ds = ds.map_batches(decode_and_split, **decode)
     data = storage.join(cfg.output, PARQUET_DIR)
@@ -327,7 +341,7 @@ def _plan_groups(cfg: PrepareConfig, decoded, keys: groups.UserKeys) -> Plan:
     column = lambda name: small[name].to_pylist() if name in small.column_names else None  # noqa: E731
     phashes = column("phash") or [None] * small.num_rows
     made = groups.plan_groups(column("path"), column("content_hash"), phashes, keys.by_path,
-                              cfg.near_duplicate_distance, lambda digest: split_of(digest, cfg.splits),
+                              cfg.near_duplicate_distance, lambda digest: split_of(digest, cfg.split_fractions),
                               given_splits=column("given_split"))
     paths = column("path")
     table = pa.table({"path": paths, "group": [made.group[p] for p in paths], "split": [made.split[p] for p in paths]})

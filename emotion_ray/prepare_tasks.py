@@ -4,7 +4,9 @@ and split (prepare.py, the driver, plans the groups and writes the shards).
 A row's split is its sha256 (of the file's bytes, or of its group's key) mapped to [0, 1) and
 cut by the split fractions (`split_of`, which the driver's group plan uses too): deterministic,
 and a group never straddles splits (groups.py). With split_by folder a row keeps its folder's
-split (prepare warns when a group then crosses them).
+split (prepare warns when a group then crosses them), except the train/ files of an input with
+no val/ folder, whose given split is null: their sha256 point, cut by PrepareConfig.split_fractions,
+makes them train or val.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def decode_rows(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
 def decode_and_split(batch: pa.Table, cfg: PrepareConfig, progress=None) -> pa.Table:
     """Ray Data UDF without grouping: decode_rows, then each row's split from its own sha256
     (or `rejected`), in shard column order."""
-    return with_split(decode_rows(batch, cfg, progress), cfg.splits)
+    return with_split(decode_rows(batch, cfg, progress), cfg.split_fractions)
 
 
 def with_split(batch: pa.Table, fractions: dict[str, float], plan=None) -> pa.Table:

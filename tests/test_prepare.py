@@ -300,6 +300,58 @@ def test_split_by_folder_keeps_the_given_splits_and_counts_cross_split_copies(ra
     assert manifest["ignored"]["by_reason"] == {"not_an_image_extension": 1}
 
 
+def test_kaggle_layout_without_val_carves_validation_from_train_by_group(ray_session, tmp_path):
+    """Kaggle's FER2013 has train/ and test/ only: val comes out of train/ (val_from_train of it), by
+    group (a picture and its near-copies on one side), deterministically; test/ stays test."""
+    root = tmp_path / "kaggle"
+    make_demo_dataset(root / "train", per_class=8, seed=4, canvas=48)
+    make_demo_dataset(root / "test", per_class=3, seed=5, canvas=48)
+    originals = sorted((root / "train").rglob("*.*"))
+    for picture in originals[::4]:  # near-copies of every fourth training picture, beside it
+        for kind, (copy, ext) in copies_of(picture.read_bytes()).items():
+            (picture.parent / f"{picture.stem}.{kind}{ext}").write_bytes(copy)
+    train_files = len(list((root / "train").rglob("*.*")))
+    cfg = dict(inputs=[str(root)], image_size=16, split_by="folder", val_from_train=0.3)
+    manifest = prepare(PrepareConfig(output=str(tmp_path / "ds"), **cfg))
+    rows = manifest["split_rows"]
+    assert rows["test"] == 9 and rows["train"] + rows["val"] == train_files and rows["val"] >= 3, rows
+    assert manifest["val_from_train"] == [str(root)] and "split into train and val (0.3 of its groups)" in manifest[
+        "split_method"]
+    assert manifest["split_fractions"] == {"train": 0.7, "val": 0.3, "test": 0.0}
+    found = [{**row, "split": split} for split in SPLITS for row in pads.dataset(
+        [str(tmp_path / "ds" / rel) for rel in manifest["shards"][split]], format="parquet").to_table(
+        columns=["path", "group"]).to_pylist()]
+    where = {split: {r["path"].split("/kaggle/")[1].split("/")[0] for r in found if r["split"] == split}
+             for split in SPLITS}
+    assert where == {"train": {"train"}, "val": {"train"}, "test": {"test"}}
+    groups_in = {split: {r["group"] for r in found if r["split"] == split} for split in SPLITS}
+    assert not groups_in["train"] & groups_in["val"]  # leak-free: no group on both sides
+    for picture in originals[::4]:  # each original with its three copies, in one split
+        copies = [r["split"] for r in found if f"/kaggle/train/{picture.parent.name}/{picture.stem}" in r["path"]]
+        assert len(copies) == 4 and len(set(copies)) == 1, copies
+    assert sum(s == "val" for r in found if ".half." in r["path"] for s in [r["split"]]) >= 1, "no copies in val"
+    # Deterministic: the same input gives the same splits (without grouping too: each file's sha256).
+    again = prepare(PrepareConfig(output=str(tmp_path / "again"), **cfg))
+    assert again["split_rows"] == rows and sorted(rows_of(tmp_path / "again"), key=str) == sorted(
+        rows_of(tmp_path / "ds"), key=str)
+    plain = prepare(PrepareConfig(output=str(tmp_path / "plain"), near_duplicate_distance=0, **cfg))
+    assert plain["split_rows"]["val"] >= 3 and plain["split_rows"]["test"] == 9
+    # A layout that has val/ keeps it: nothing is carved.
+    make_demo_dataset(root / "val", per_class=2, seed=6, canvas=48)
+    given = prepare(PrepareConfig(output=str(tmp_path / "given"), **cfg))
+    assert given["split_rows"]["val"] == 6 and given["val_from_train"] == []
+
+
+@pytest.mark.fast
+def test_val_from_train_is_a_fraction_used_only_by_folder_splits():
+    where = dict(inputs=["in"], output="out")
+    assert PrepareConfig(**where).split_fractions == {"train": 0.7, "val": 0.2, "test": 0.1}
+    assert PrepareConfig(**where, split_by="folder").split_fractions == {"train": 0.9, "val": 0.1, "test": 0.0}
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ConfigError, match="val_from_train"):
+            build_config(PrepareConfig, {**where, "split_by": "folder", "val_from_train": bad})
+
+
 # ----------------------------------------------------------------------------- groups (issue 17, items 1-2)
 from emotion_ray import groups  # noqa: E402
 from emotion_ray.config import build_config  # noqa: E402
