@@ -286,7 +286,8 @@ def choose_temperature(val_probs: np.ndarray, val_labels: np.ndarray, min_rows: 
     if cv["gain"] <= min_gain_se * cv["gain_standard_error"]:
         return TemperatureChoice(1.0, "no_held_out_gain",
                                  f"T = 1: the fitted T = {fitted:.2f} does not lower the NLL of validation rows it "
-                                 f"was not fitted on by more than {min_gain_se:g} standard errors: {figures}",
+                                 f"was not fitted on by more than {min_gain_se:g} standard error"
+                                 f"{'' if min_gain_se == 1 else 's'} of the gain: {figures}",
                                  fitted, cv)
     return TemperatureChoice(fitted, "nll_minimum", f"T = {fitted:.2f} kept: {figures}", fitted, cv)
 

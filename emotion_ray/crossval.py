@@ -163,8 +163,9 @@ def _fold_entry(k: int, metrics: dict[str, Any], manifest: dict[str, Any]) -> di
         "heldout_counts": manifest["counts"]["test"],
         "accuracy": metrics["categorical_accuracy"],
         **{key: metrics[key] for key in ("macro_f1", "macro_precision", "macro_recall", "per_class",
-                                         "confusion_matrix", "temperature", "ece_before", "ece_after",
-                                         "best_epoch", "epochs_run", "mlflow_run_id") if key in metrics},
+                                         "confusion_matrix", "temperature", "temperature_reason", "ece_before",
+                                         "ece_after", "best_epoch", "epochs_run", "learned", "mlflow_run_id")
+           if key in metrics},
     }
 
 

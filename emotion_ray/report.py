@@ -59,7 +59,8 @@ figure { margin: 0; } figcaption { color: #666; font-size: 0.9em; }
 <div class="headline">
 {% for key, value in headline %}<div class="card"><div class="v">{{ value }}</div><div class="k">{{ key }}</div></div>
 {% endfor %}</div>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test rows</th></tr>
+{% for note in notes %}<p class="sub note">{{ note }}</p>
+{% endfor %}<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>test rows</th></tr>
 {% for c, m in per_class %}<tr><td>{{ c }}</td><td>{{ "%.3f"|format(m.precision) }}</td>
 <td>{{ "%.3f"|format(m.recall) }}</td><td>{{ "%.3f"|format(m.f1) }}</td><td>{{ m.support }}</td></tr>
 {% endfor %}</table>
@@ -150,6 +151,15 @@ def render_report(run_name: str, metrics: dict[str, Any], manifest: dict[str, An
                 ("temperature", fmt(metrics.get("temperature"), ".2f")),
                 ("best epoch", f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')}"),
                 ("test rows", str(metrics["test_rows"]))]
+    # What the numbers above do not say on their own: a model at chance, why T is what it is, and
+    # a temperature that made held-out ECE worse (the train summary prints the same).
+    notes = []
+    if metrics.get("learned") is False:
+        notes.append(f"Not learned: the best val_loss {fmt(metrics.get('best_val_loss'))} stayed near chance level "
+                     f"{fmt(metrics.get('chance_val_loss'))}; train longer or on more pictures.")
+    if metrics.get("temperature_reason"):
+        notes.append(f"Calibration: {metrics['temperature_reason']}.")
+    notes += [f"Warning: {w}." for w in (metrics.get("calibration") or {}).get("warnings", [])]
     counts = [(split, [row.get(c, 0) for c in classes], sum(row.values()))
               for split, row in manifest.get("counts", {}).items()]
     shown, cams = [], []
@@ -166,7 +176,7 @@ def render_report(run_name: str, metrics: dict[str, Any], manifest: dict[str, An
     cm = np.asarray(metrics["confusion_matrix"]["rows_true_cols_predicted"])
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     return env.from_string(TEMPLATE).render(
-        title=f"Training run {run_name}", subtitle=details, headline=headline,
+        title=f"Training run {run_name}", subtitle=details, headline=headline, notes=notes,
         per_class=[(c, metrics["per_class"][c]) for c in classes], classes=classes, counts=counts,
         figures=[(name, caption, base64.b64encode(figures[name]).decode("ascii"))
                  for name, caption in FIGURES if name in figures],

@@ -134,6 +134,15 @@ def test_report_renders_every_section_with_real_pngs_and_ordered_mistakes(synthe
     # Headline numbers as metrics.json holds them.
     assert f"{metrics['categorical_accuracy']:.3f}" in text and f"{metrics['macro_f1']:.3f}" in text
     assert f"{metrics['temperature']:.2f}" in text and "3 of 5" in text
+    # Why T is what it is (metrics.json's temperature_reason), and a model at chance said as such.
+    assert f"Calibration: {metrics['temperature_reason']}." in text and "Not learned" not in text
+    from emotion_ray.report import render_report
+
+    at_chance = render_report("r", {**metrics, "learned": False, "best_val_loss": 1.09, "chance_val_loss": 1.099,
+                                    "calibration": {**metrics["calibration"], "warnings": ["T = 0.54 raised the test "
+                                                                                           "ECE"]}}, manifest, [], {})
+    assert "Not learned: the best val_loss 1.090 stayed near chance level 1.099" in at_chance
+    assert "Warning: T = 0.54 raised the test ECE." in at_chance
 
 
 def test_a_run_without_mistakes_or_maps_still_renders(synthetic):
