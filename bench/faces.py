@@ -57,7 +57,7 @@ from bench.common import WORK, record
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PHOTOS = SHARED / "face_photos"
 FER_TEST = SHARED / "fer2013" / "test"
-DETECTORS = ("haar", "mtcnn")
+DETECTORS = ("blazeface", "blazeface_one_pass", "haar", "mtcnn")  # one_pass: without the tile pass
 MATCH_IOU = 0.3
 GRID = [(48, 320), (48, 640), (48, 1280), (64, 320), (64, 640), (64, 1280),
         (128, 320), (128, 640), (128, 1280), (256, 320), (256, 640), (256, 1280)]
@@ -421,7 +421,7 @@ def main() -> None:
     if args.score:
         score_bench(args)
         return
-    from emotion_ray.faces import Face, crop_box, get_detector
+    from emotion_ray.faces import BlazeFaceDetector, Face, crop_box, get_detector
 
     counts = photo_counts()
     photos = {name: rgb_of(PHOTOS / name) for name in counts}
@@ -429,9 +429,11 @@ def main() -> None:
     result: dict = {"n_per_cell": args.n, "n_full": args.n_full, "match_iou": MATCH_IOU, "photos": {}, "scenes": {}, "speed": {},
                     "margin_iou": {}, "load": {}}
     for name in DETECTORS:
-        result["load"][name] = load_cost(name)
+        if name != "blazeface_one_pass":  # the same process cost as blazeface
+            result["load"][name] = load_cost(name)
         for max_side in (640, UNBOUNDED):
-            det = get_detector(name, max_side=max_side)
+            det = (BlazeFaceDetector(max_side, tiles=False) if name == "blazeface_one_pass"
+                   else get_detector(name, max_side=max_side))
             det.detect(photos["obama_small.jpg"])  # warm-up (TensorFlow traces on first calls)
             tag = f"{name}@{'full' if max_side == UNBOUNDED else max_side}"
 

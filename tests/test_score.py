@@ -529,7 +529,7 @@ needs_photos = pytest.mark.skipif(not PHOTOS.is_dir(), reason=f"face photos not 
 
 @pytest.fixture()
 def people_photos(tmp_path) -> Path:
-    """Real photos of people (two with two faces, one where Haar finds none) and odd pictures."""
+    """Real photos of people (two with two faces, one cut by the frame) and odd pictures."""
     root = tmp_path / "people"
     root.mkdir()
     for name in ("two_people.jpg", "obama_small.jpg", "obama_partial_face.jpg", "kit_with_rose.jpg"):
@@ -546,8 +546,7 @@ def people_photos(tmp_path) -> Path:
 def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_session, model_dir, people_photos,
                                                                          tmp_path):
     out = tmp_path / "scores"
-    cfg = ScoreConfig(model=str(model_dir), inputs=[str(people_photos)], output=str(out),
-                      faces={"mode": "all", "detector": "haar"})
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(people_photos)], output=str(out), faces={"mode": "all"})
     summary = score(cfg, show_progress=False)
     rows = read_scores(str(out)).to_pylist()
     by_picture: dict[str, list] = {}
@@ -557,9 +556,11 @@ def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_sessi
     two = sorted(by_picture["two_people.jpg"], key=lambda r: r["face_index"])
     assert [r["face_index"] for r in two] == [0, 1] and two[0]["box_x"] < two[1]["box_x"]  # left to right
     assert all(r["label"] in CLASSES and r["box_w"] > 50 and r["faces_in_picture"] == 2 for r in two)
-    for name in ("one_pixel.png", "strip.png", "obama_partial_face.jpg"):  # Haar misses the cut face
+    for name in ("one_pixel.png", "strip.png"):
         [row] = by_picture[name]
         assert row["error"].startswith("no_face") and row["face_index"] is None and row["label"] is None
+    [cut] = by_picture["obama_partial_face.jpg"]  # BlazeFace (the default) finds the face cut by the frame
+    assert cut["face_index"] == 0 and cut["box_x"] == 0 and cut["error"] is None
     assert by_picture["grey.jpg"][0]["error"] is None  # grey pictures are detected too
 
     # A run stopped between a picture's face rows: the re-run scores that picture again, whole.
@@ -579,7 +580,7 @@ def test_faces_all_writes_a_row_per_face_and_resume_completes_pictures(ray_sessi
 
     # predict gives every face, with score's boxes and probabilities.
     predicted = predict(PredictConfig(model=str(model_dir), inputs=[str(people_photos / "two_people.jpg")],
-                                      faces={"mode": "all", "detector": "haar"}))
+                                      faces={"mode": "all"}))
     assert [p["face"]["index"] for p in predicted] == [0, 1]
     for p, r in zip(predicted, two):
         assert p["face"]["box"] == [r["box_x"], r["box_y"], r["box_w"], r["box_h"]]
@@ -591,7 +592,7 @@ def test_predict_prints_every_face_and_annotates_the_picture(model_dir, people_p
     from PIL import Image
 
     res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "predict", str(people_photos / "two_people.jpg"),
-                          "--model", str(model_dir), "--faces", "all", "--set", "faces.detector=haar",
+                          "--model", str(model_dir), "--faces", "all",
                           "--annotate", str(tmp_path / "seen")], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert [line.split(" at ")[0].split()[-2:] for line in res.stdout.splitlines()] == [["face", "0"], ["face", "1"]]
