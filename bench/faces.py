@@ -1,6 +1,6 @@
 """Face detection (emotion_ray/faces.py): recall, false positives, speed per core, load cost.
 
-Per detector ("haar", "mtcnn"), one process, one thread (cv2.setNumThreads(1), TensorFlow
+Per detector (DETECTORS), one process, one thread (cv2.setNumThreads(1), TensorFlow
 intra-/inter-op threads 1), the same inputs for both:
 - face_photos (shared/data/face_photos): counts against the README's per-picture counts. With
   no boxes to compare, a picture with n faces and d detections scores min(d, n) true and
@@ -23,12 +23,12 @@ intra-/inter-op threads 1), the same inputs for both:
 photos, plus `--score-scenes` scenes per GRID cell and empty scenes per scene size, written once
 to BENCH_DIR/faces_score_pictures_<n>: photos as they are, scenes as JPEG):
 - end to end: `emotion_ray.score.score` of a 48 px model (the seed CNN, untrained: speed does not
-  depend on the weights) with faces none, all + haar, all + mtcnn (Ray over every core; Ray is
+  depend on the weights) with faces none and all + each of `--score-detectors` (Ray over every core; Ray is
   started before the runs, each run starts its own predictor): the summary's images_per_second
   and steady_images_per_second, and the bench's own steady rate (pictures after the first
   batch reached the driver / time from it to the last batch, from 3 batches on; the summary's
   counts the first batch's face rows as pictures);
-- in process, one thread: `sources.decode_table` on the same files (none / haar / mtcnn): CPU
+- in process, one thread: `sources.decode_table` on the same files (none / each detector): CPU
   ms per picture, i.e. what a decode task spends; the decode that detection starts from without
   detecting (640 px); and the forward pass per face at 48 px. Ratios: detection x decode, and
   fer's CPU per picture over ours (decode task + forward pass per face);
@@ -301,7 +301,7 @@ def decode_640_cost(files: list[str]) -> dict:
 
 
 def score_bench(args) -> None:
-    """`score` with faces none / haar / mtcnn vs decode-only cost vs fer, on the same pictures."""
+    """`score` with faces none / each detector vs decode-only cost vs fer, on the same pictures."""
     import shutil
 
     from emotion_ray.config import FaceConfig, ScoreConfig
@@ -315,8 +315,8 @@ def score_bench(args) -> None:
     folder = score_pictures(args.score_scenes)
     files = sorted(str(p) for p in folder.iterdir())
     model = score_model_dir()
-    modes = {"none": FaceConfig(mode="none"), "haar": FaceConfig(mode="all", detector="haar"),
-             "mtcnn": FaceConfig(mode="all", detector="mtcnn")}
+    modes = {"none": FaceConfig(mode="none"),
+             **{name: FaceConfig(mode="all", detector=name) for name in args.score_detectors.split(",")}}
     result: dict = {"pictures": len(files), "photos": len(photo_counts()), "scenes_per_cell": args.score_scenes,
                     "image_size": SCORE_SIZE, "cores": len(os.sched_getaffinity(0)), "decode_one_thread": {},
                     "score": {}, "load_average_start": os.getloadavg(),
@@ -330,11 +330,11 @@ def score_bench(args) -> None:
         print(name, json.dumps(result["decode_one_thread"][name]), flush=True)
     result["decode_one_thread"]["decode_640_no_detection"] = decode_640_cost(files)
     base = result["decode_one_thread"]["none"]["cpu_ms_per_picture"]
-    for name in ("haar", "mtcnn"):
+    for name in list(modes)[1:]:
         result["decode_one_thread"][name]["x_decode_none"] = round(
             result["decode_one_thread"][name]["cpu_ms_per_picture"] / base, 1)
-    # The forward pass per face at 48 px (one thread too), on haar's crops.
-    crops = np.frombuffer(b"".join(v for v in decoded["haar"]["image"].to_pylist() if v), np.uint8)
+    # The forward pass per face at 48 px (one thread too), on the first detector's crops.
+    crops = np.frombuffer(b"".join(v for v in decoded[list(modes)[1]]["image"].to_pylist() if v), np.uint8)
     crops = crops.reshape(-1, SCORE_SIZE, SCORE_SIZE, 3)
     forward = forward_pass(load_model(str(model / "model.keras")))
     forward(crops[:64])
@@ -414,6 +414,7 @@ def main() -> None:
     parser.add_argument("--score", action="store_true", help="score throughput with faces vs without vs fer instead")
     parser.add_argument("--score-scenes", type=int, default=6, help="--score: scenes per (face, scene) cell")
     parser.add_argument("--passes-none", type=int, default=3, help="--score: decode passes without faces (median)")
+    parser.add_argument("--score-detectors", default="blazeface,mtcnn", help="--score: detectors, comma-separated")
     args = parser.parse_args()
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -259,6 +259,22 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
         return _score_locked(cfg, paths, skipped, bundle, lock, show_progress)
 
 
+def steady_rate(later_pictures: int, first_batch_s: float | None, last_batch_s: float | None, batches: int,
+                elapsed: float) -> float | None:
+    """Pictures per second after the first batch reached the driver, or None when not measured.
+
+    Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the
+    rate after it is what sizes a job of millions of files. It is measured only while batches
+    kept arriving: 3 batches or more, the later ones spread over at least 1 s and a tenth of the
+    run (`elapsed`, seconds). A small job's batches can all reach the driver at once after the
+    start-up, which measures no rate. Times are seconds since the run started.
+    """
+    if batches < 3 or later_pictures <= 0 or first_batch_s is None or last_batch_s is None:
+        return None
+    span = last_batch_s - first_batch_s
+    return round(later_pictures / span, 1) if span >= max(1.0, 0.1 * elapsed) else None
+
+
 def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
     """StageError, before any work starts, for a decode task or predictor no node can hold."""
     nodes = runtime.node_capacities()
@@ -283,6 +299,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
 
     started = time.perf_counter()
     first_batch_s, first_batch_pictures = None, 0  # when the first scored batch arrived, and its pictures
+    last_batch_s, batches = None, 0
     if todo:
         runtime.init_ray()
         _check_fits(cfg, bundle.image_size, faces)
@@ -322,6 +339,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
                         # With faces a picture has several rows: rates are pictures per second.
                         first_batch_s = time.perf_counter() - started
                         first_batch_pictures = len(set(batch["path"].to_pylist()))
+                    last_batch_s, batches = time.perf_counter() - started, batches + 1
                     writer.add(batch)
                     bar.update(batch.num_rows)
         except ray.exceptions.GetTimeoutError:
@@ -335,9 +353,6 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
             ) from None
         writer.flush()
     elapsed = time.perf_counter() - started
-    # Start-up (Ray, the predictors' TensorFlow import and model load) is paid once per run; the
-    # steady rate after the first batch is what sizes a job of millions of files.
-    steady_rows, steady_s = len(todo) - first_batch_pictures, elapsed - (first_batch_s or elapsed)
     _merge_small_parts(cfg, writer)
 
     table = read_scores(cfg.output, cfg.storage, ["path", "label", "error", "face_index"])
@@ -367,7 +382,8 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
         "seconds": round(elapsed, 2),
         "images_per_second": round(len(todo) / elapsed, 1) if todo and elapsed > 0 else None,
         "first_batch_seconds": round(first_batch_s, 2) if first_batch_s is not None else None,
-        "steady_images_per_second": round(steady_rows / steady_s, 1) if steady_rows > 0 and steady_s > 0 else None,
+        "steady_images_per_second": steady_rate(len(todo) - first_batch_pictures, first_batch_s, last_batch_s,
+                                                batches, elapsed),
         "completed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     lock.check()

@@ -19,7 +19,7 @@ def score_text(s: dict[str, Any]) -> str:
     """score's summary (its _SUCCESS.json) in a few lines."""
     if s["scored_now"]:
         rate, steady, start = s["images_per_second"], s["steady_images_per_second"], s["first_batch_seconds"]
-        after = (f"; {steady:g} img/s after {start:.1f} s of start-up" if steady is not None  # needs 2+ batches
+        after = (f"; {steady:g} img/s after {start:.1f} s of start-up" if steady is not None  # measured (score.py)
                  else f", {start:.1f} s of it start-up" if start is not None else "")
         head = f"scored {s['scored_now']} images in {s['seconds']:.1f} s ({rate:g} img/s{after})"
         if s["already_scored"]:
