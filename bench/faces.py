@@ -119,11 +119,29 @@ def scenes(n: int, seed: int = 7) -> tuple[list[dict], list[dict]]:
             x, y = int(rng.integers(0, side - face_px + 1)), int(rng.integers(0, side - face_px + 1))
             grey[y : y + face_px, x : x + face_px] = np.asarray(face)
             with_face.append({"face": face_px, "scene": side, "k": i, "box": (x, y, face_px, face_px),
-                              "rgb": np.repeat(grey[:, :, None], 3, axis=2)})
+                              "rgb": np.repeat(grey[:, :, None], 3, axis=2),
+                              "label": faces[order[(k - 1) % len(faces)]].parent.name})
     for side in sorted({s for _, s in GRID}):
         for i in range(n):
             empty.append({"scene": side, "k": i, "rgb": np.repeat(background(rng, side, photos)[:, :, None], 3, axis=2)})
     return with_face, empty
+
+
+def smooth_scenes(n: int = 40) -> list[np.ndarray]:
+    """Empty scenes of smooth shapes, where a face-like blob is easy to see: 640 px greys of
+    12 x 12 random values upsampled bilinearly (tests/test_faces.py's background), and the two
+    sample photos Gaussian-blurred (kernel 15, 31, 61 px), as out-of-focus backgrounds are."""
+    import cv2
+    from sklearn.datasets import load_sample_image
+
+    blobs = []
+    for seed in range(n):
+        rng = np.random.default_rng(seed)
+        small = Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8))
+        blobs.append(np.repeat(np.asarray(small.resize((640, 640), Image.BILINEAR))[:, :, None], 3, axis=2))
+    blurred = [cv2.GaussianBlur(load_sample_image(name), (k, k), 0) for name in ("china.jpg", "flower.jpg")
+               for k in (15, 31, 61)]
+    return blobs + blurred
 
 
 def single_thread() -> None:
@@ -346,7 +364,20 @@ def score_bench(args) -> None:
 
     # 2. The peer, one process.
     result["fer"] = run_fer(files)
-    print("fer", json.dumps({k: v for k, v in result["fer"].items() if k != "per_picture"}), flush=True)
+    print("fer", json.dumps({k: v for k, v in result["fer"].items() if not k.startswith("per_picture")}),
+          flush=True)
+
+    # 1b. Real photos only (the face photos, `photo_` files): a decode task's CPU per photo, over
+    # `--passes-none` passes, beside fer's CPU on the same photos in the same run (from its
+    # per-picture figures above); fer's CPU / ours per core with the forward pass per face.
+    photo_files = [f for f in files if Path(f).name.startswith("photo_")]
+    fer_photo_ms = float(np.mean([result["fer"]["per_picture_cpu_ms"][Path(f).name] for f in photo_files]))
+    result["photos_only"] = {"photos": len(photo_files), "fer_cpu_ms_per_photo": round(fer_photo_ms, 1)}
+    for name, faces in modes.items():
+        cost, table = decode_cost(photo_files, faces if faces.enabled else None, args.passes_none)
+        ours = cost["cpu_ms_per_picture"] + result["forward_cpu_ms_per_face"] * table.num_rows / len(photo_files)
+        result["photos_only"][name] = {**cost, "fer_cpu_vs_ours": round(fer_photo_ms / ours, 1)}
+        print("photos", name, json.dumps(result["photos_only"][name]), flush=True)
 
     # 3. End to end: score, Ray over every core (already started: each run pays its own
     # predictor's start and, on first use, the detector's load in each decode worker).
@@ -407,6 +438,51 @@ def score_bench(args) -> None:
     record("faces_score", result)
 
 
+def crop_accuracy(args) -> None:
+    """A FER2013-trained face model's accuracy on each detector's crops of the pasted-FER scenes,
+    where the true label is the pasted face's: end to end (a scene whose face is not found counts
+    as wrong) and on the found faces only, beside the pasted square itself (the framing FER2013
+    gives). Per detector at its own FER margin (faces.FER_MARGIN) and, for the margin's choice,
+    at the other margins. The model: a run directory (`--crop-accuracy RUN`)."""
+    from emotion_ray.config import StorageConfig
+    from emotion_ray.faces import FER_MARGIN, Face, crop_face, get_detector
+    from emotion_ray.inference import forward_pass, resolve_model
+    from emotion_ray.model import load_model_bytes
+
+    bundle = resolve_model(args.crop_accuracy, StorageConfig(), "")
+    forward = forward_pass(load_model_bytes(bundle.data), bundle.test_time)
+    size, classes = bundle.image_size, bundle.classes
+    with_face, _ = scenes(args.n)
+
+    def accuracy(crops: list[np.ndarray | None]) -> dict:
+        found = [i for i, c in enumerate(crops) if c is not None]
+        right = np.zeros(len(crops), bool)
+        if found:
+            probs = np.concatenate([np.asarray(forward(np.stack([crops[i] for i in found[j : j + 256]])))
+                                    for j in range(0, len(found), 256)])
+            right[found] = [classes[int(p.argmax())] == with_face[i]["label"] for i, p in zip(found, probs)]
+        return {"found": len(found), "end_to_end": round(float(right.mean()), 4),
+                "on_found": round(float(right[found].mean()), 4) if found else None}
+
+    truth_crops = [crop_face(s["rgb"], Face(*s["box"], 1.0), size, 0.0) for s in with_face]
+    result: dict = {"model": bundle.model_id, "scenes": len(with_face), "n_per_cell": args.n,
+                    "pasted_square": accuracy(truth_crops), "detectors": {}}
+    for name in ("blazeface", "haar", "mtcnn"):
+        det = get_detector(name)
+        matches = []
+        for s in with_face:
+            truth = Face(*s["box"], 1.0)
+            faces = [f for f in det.detect(s["rgb"]) if f.iou(truth) >= MATCH_IOU]
+            matches.append(max(faces, key=lambda f: f.iou(truth)) if faces else None)
+        margins = sorted({FER_MARGIN[name], 0.0, 0.1, 0.2})
+        result["detectors"][name] = {
+            str(m): accuracy([crop_face(s["rgb"], f, size, m) if f else None for s, f in zip(with_face, matches)])
+            for m in margins}
+        result["detectors"][name]["fer_margin"] = FER_MARGIN[name]
+        print(name, json.dumps(result["detectors"][name]), flush=True)
+    record("faces_crop_accuracy", result)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=25, help="scenes per (face, scene) cell")
@@ -415,12 +491,17 @@ def main() -> None:
     parser.add_argument("--score-scenes", type=int, default=6, help="--score: scenes per (face, scene) cell")
     parser.add_argument("--passes-none", type=int, default=3, help="--score: decode passes without faces (median)")
     parser.add_argument("--score-detectors", default="blazeface,mtcnn", help="--score: detectors, comma-separated")
+    parser.add_argument("--crop-accuracy", metavar="RUN", help="a FER2013-trained run: its accuracy on each "
+                        "detector's crops of the scenes instead")
     args = parser.parse_args()
     os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     single_thread()
     if args.score:
         score_bench(args)
+        return
+    if args.crop_accuracy:
+        crop_accuracy(args)
         return
     from emotion_ray.faces import BlazeFaceDetector, Face, crop_box, get_detector
 
@@ -469,6 +550,9 @@ def main() -> None:
                 cell = table.setdefault(f"empty {e['scene']}", {"n": 0, "found": 0, "false": 0})
                 cell["n"] += 1
                 cell["false"] += len(faces)
+            if max_side == 640:
+                smooth = smooth_scenes()
+                table["empty smooth"] = {"n": len(smooth), "found": 0, "false": sum(len(det.detect(im)) for im in smooth)}
             for key, cell in table.items():
                 if key.startswith("empty"):
                     del cell["found"]
