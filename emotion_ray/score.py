@@ -149,15 +149,20 @@ def _check_same_settings(cfg: ScoreConfig, earlier: Any, settings: InferenceSett
     (the model being the same). `earlier`: the marker's record, or None for an output written
     before outputs recorded their settings, which counts as the model's defaults (the old code
     could only have used those unless told otherwise, and nothing says it was told)."""
-    ours = settings.record()
-    if not isinstance(earlier, dict):
+    ours, assumed = settings.record(), not isinstance(earlier, dict)
+    if assumed:
         earlier = inference_settings(bundle).record()
     theirs_flat, ours_flat = _flat(earlier), _flat(ours)
-    differ = [key for key in sorted(set(theirs_flat) | set(ours_flat)) if theirs_flat.get(key) != ours_flat.get(key)]
+    # In the record's order (faces.mode first); a face setting one side lacks (its faces off) is
+    # moot beside the mode that differs.
+    differ = [key for key in dict.fromkeys([*ours_flat, *theirs_flat]) if theirs_flat.get(key) != ours_flat.get(key)
+              and (key in theirs_flat and key in ours_flat or not key.startswith("faces."))]
     if not differ:
         return
-    said = ", ".join(f"{key} {theirs_flat.get(key, 'unset')} there, {ours_flat.get(key, 'unset')} now"
-                     for key in differ)
+    shown = lambda value: "unset" if value is None else value  # noqa: E731 - min_confidence off reads `unset`
+    said = ", ".join(f"{key} {shown(theirs_flat.get(key))} there, {shown(ours_flat.get(key))} now" for key in differ)
+    if assumed:
+        said += "; the output predates recorded settings, so it counts as scored with the model's defaults"
     raise ConfigError(f"output {cfg.output} was scored by this model with other inference settings ({said}); a "
                       "re-run continues an output only with the settings that scored it: pass --overwrite to "
                       "delete the earlier predictions and score everything again with these settings, or choose "

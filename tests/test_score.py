@@ -776,7 +776,7 @@ def test_an_output_continues_only_with_the_inference_settings_that_scored_it(ray
                 "min_confidence": None}
     assert first["inference"] == recorded
     assert json.loads((out / OWNER_MARKER).read_text())["inference"] == recorded
-    with pytest.raises(ConfigError, match="min_confidence None there, 0.5 now"):
+    with pytest.raises(ConfigError, match="min_confidence unset there, 0.5 now"):
         score(cfg.model_copy(update={"min_confidence": 0.5}), show_progress=False)
 
     # The same settings, also when spelled out (faces off makes the detector moot): nothing new to score.
@@ -787,7 +787,7 @@ def test_an_output_continues_only_with_the_inference_settings_that_scored_it(ray
     # An output from before outputs recorded their settings: the model's defaults (whole pictures here).
     marker = json.loads((out / OWNER_MARKER).read_text())
     (out / OWNER_MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "inference"}))
-    with pytest.raises(ConfigError, match="faces.mode none there, largest now"):
+    with pytest.raises(ConfigError, match="faces.mode none there, largest now.*predates recorded settings"):
         score(cfg.model_copy(update={"faces": FaceConfig(mode="largest")}), show_progress=False)
     assert score(cfg, show_progress=False)["scored_now"] == 0
     assert json.loads((out / OWNER_MARKER).read_text())["inference"] == recorded  # recorded from now on
