@@ -101,7 +101,6 @@ class ModelBundle:
     test_time: TestTimeAugmentation = TestTimeAugmentation()  # the views a prediction averages (labels.json)
 
 
-
 @dataclass(frozen=True)
 class InferenceSettings:
     """How a model's predictions are made, besides its weights: built only by `inference_settings`.
