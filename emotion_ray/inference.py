@@ -2,6 +2,10 @@
 
 - `resolve_model`: a run directory, a `.keras` file with `labels.json` beside it (local or
   `s3://`), or `models:/name/version|alias` -> a `ModelBundle` (the file's bytes and labels).
+- `inference_settings`: a bundle and the caller's overrides -> `InferenceSettings`, everything
+  besides the weights that decides the rows (image size, faces, test-time views, temperature,
+  min confidence, decode limits). The one place they are resolved: score, predict, evaluation and
+  the MLflow model all decode (`InferenceSettings.decode`) and predict (`Predictor`) with it.
 - `Predictor`: loads a bundle once (safe Keras zip only), checks its outputs once, and turns
   decoded Arrow batches (see sources.decode_table) into prediction rows.
 - Its forward pass runs in fixed-size padded batches, so a file's probabilities do not depend on
@@ -30,7 +34,7 @@ import pyarrow as pa
 
 from emotion_ray import storage
 from emotion_ray.calibration import UNCERTAIN, apply_temperature
-from emotion_ray.config import StorageConfig
+from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
 from emotion_ray.images import pixels_from_arrow
 
@@ -96,13 +100,58 @@ class ModelBundle:
     temperature: float = 1.0  # fitted on the validation split (labels.json); 1: the raw softmax
     test_time: TestTimeAugmentation = TestTimeAugmentation()  # the views a prediction averages (labels.json)
 
-    def face_config(self, asked):
-        """The FaceConfig to score with: what the caller asked for, else what the model was trained on."""
-        from emotion_ray.config import FaceConfig
 
-        if asked is not None:
-            return asked
-        return FaceConfig.model_validate(self.faces) if self.faces else FaceConfig()
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model's predictions are made, besides its weights: built only by `inference_settings`.
+
+    `faces` is always a FaceConfig (mode "none": whole pictures). `decode` turns a table of
+    `path` (and optionally `data`, a file's bytes) into the rows `Predictor` takes; `record` is
+    what an output remembers of them (score.py).
+    """
+
+    image_size: int
+    faces: FaceConfig
+    test_time: TestTimeAugmentation
+    temperature: float
+    min_confidence: float | None = None
+    limits: DecodeLimits = dataclasses.field(default_factory=DecodeLimits)
+
+    def decode(self, batch: pa.Table, storage_cfg: StorageConfig, one_thread: bool = False) -> pa.Table:
+        """sources.decode_table with these settings: a row per picture, or with faces on a row per face."""
+        from emotion_ray.sources import decode_table
+
+        return decode_table(batch, self.image_size, self.limits, storage_cfg, self.faces, one_thread)
+
+    def record(self) -> dict[str, Any]:
+        """The settings that change an output's rows, JSON-ready: {"faces": {"mode": "none"} or
+        {mode, detector, tiles (blazeface only), margin (the crop margin used, the detector's own
+        resolved), min_size, no_face}, "test_time": {"flip", "shift"}, "temperature",
+        "min_confidence"}. Decode limits are left out: they decide which files are refused (an
+        error row), not how a scored row is computed; the image size is the model's own."""
+        faces: dict[str, Any] = {"mode": self.faces.mode}
+        if self.faces.enabled:  # the other face settings do nothing without faces
+            faces.update(detector=self.faces.detector, margin=self.faces.crop_margin, min_size=self.faces.min_size,
+                         no_face=self.faces.no_face)
+            if self.faces.detector == "blazeface":  # only BlazeFace looks again in tiles
+                faces["tiles"] = self.faces.tiles
+        return {"faces": faces, "test_time": {"flip": self.test_time.flip, "shift": self.test_time.shift},
+                "temperature": self.temperature, "min_confidence": self.min_confidence}
+
+
+def inference_settings(bundle: ModelBundle, faces: FaceConfig | None = None, min_confidence: float | None = None,
+                       limits: DecodeLimits | None = None) -> InferenceSettings:
+    """A model's InferenceSettings: its labels.json (image size, faces, test-time views,
+    temperature) with the caller's overrides. `faces`: what the caller asked for (the whole
+    FaceConfig), else what the model was trained on, else whole pictures. ConfigError when
+    `min_confidence` is asked of a model with a class named `uncertain` (the label of rows below it)."""
+    if min_confidence is not None and UNCERTAIN in bundle.classes:
+        raise ConfigError(f"model {bundle.model_id} has a class named {UNCERTAIN!r}, the label of rows below "
+                          "min_confidence: score without min_confidence")
+    if faces is None:
+        faces = FaceConfig.model_validate(bundle.faces) if bundle.faces else FaceConfig()
+    return InferenceSettings(bundle.image_size, faces, bundle.test_time, bundle.temperature, min_confidence,
+                             limits or DecodeLimits())
 
 
 def resolve_model(model: str, storage_cfg: StorageConfig, tracking_uri: str) -> ModelBundle:
@@ -225,28 +274,27 @@ class Predictor:
 
     Used as a Ray Data actor-pool UDF (`bundle` may be an ObjectRef: the model travels through
     the object store, not inside the UDF) and in-process by predict, evaluation and MLflow.
-    Probabilities are the model's softmax at the bundle's temperature (calibration.py). With
-    `min_confidence` (0..1), rows whose top probability is below it are labelled `uncertain`
-    (their confidence and probabilities are still written); ConfigError when a class is called so.
+    `settings` (inference_settings; unset: the bundle's own) decide the views averaged and the
+    temperature (calibration.py) of the probabilities; with their `min_confidence` (0..1), rows
+    whose top probability is below it are labelled `uncertain` (their confidence and
+    probabilities are still written).
     """
 
-    def __init__(self, bundle: ModelBundle | Any, batch_size: int, min_confidence: float | None = None):
+    def __init__(self, bundle: ModelBundle | Any, batch_size: int, settings: InferenceSettings | None = None):
         from emotion_ray.model import load_model_bytes
 
         if not isinstance(bundle, ModelBundle):  # an ObjectRef
             import ray
 
             bundle = ray.get(bundle)
+        self.settings = settings = settings or inference_settings(bundle)
         share_gpus()
         self.model = load_model_bytes(bundle.model_bytes)
-        self.forward = forward_pass(self.model, bundle.test_time)
+        self.forward = forward_pass(self.model, settings.test_time)
         self.bundle = bundle
         self.batch_size = batch_size
-        if min_confidence is not None and UNCERTAIN in bundle.classes:
-            raise ConfigError(f"model {bundle.model_id} has a class named {UNCERTAIN!r}, the label of rows below "
-                              "min_confidence: score without min_confidence")
-        self.min_confidence = min_confidence
-        probe = np.random.default_rng(0).integers(0, 256, (2, bundle.image_size, bundle.image_size, 3), np.uint8)
+        self.min_confidence = settings.min_confidence
+        probe = np.random.default_rng(0).integers(0, 256, (2, settings.image_size, settings.image_size, 3), np.uint8)
         _check_outputs(self.forward(probe).numpy(), bundle.classes, bundle.model_id)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
@@ -257,12 +305,12 @@ class Predictor:
             chunk = images[start : start + self.batch_size]
             padded = np.zeros((self.batch_size, *chunk.shape[1:]), dtype=np.uint8)
             padded[: len(chunk)] = chunk
-            out.append(apply_temperature(self.forward(padded).numpy(), self.bundle.temperature)[: len(chunk)])
+            out.append(apply_temperature(self.forward(padded).numpy(), self.settings.temperature)[: len(chunk)])
         return np.concatenate(out) if out else np.zeros((0, len(self.bundle.classes)), dtype=np.float32)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Decoded rows (sources.decode_table) -> prediction rows (README, score); face columns pass through."""
-        classes, size = self.bundle.classes, self.bundle.image_size
+        """Decoded rows (InferenceSettings.decode) -> prediction rows (README, score); face columns pass through."""
+        classes, size = self.bundle.classes, self.settings.image_size
         column = batch["image"]
         good = column.is_valid().to_numpy(zero_copy_only=False)
         probs = np.full((len(column), len(classes)), np.nan, dtype=np.float32)
@@ -304,11 +352,9 @@ def as_records(rows: pa.Table, classes: list[str]) -> list[dict[str, Any]]:
 
 
 def predict(cfg) -> list[dict[str, Any]]:
-    """Predict a few files (a `PredictConfig`) in this process: the decode and Predictor of `score`."""
-    from emotion_ray.sources import decode_table
-
+    """Predict a few files (a `PredictConfig`) in this process: the settings, decode and Predictor of `score`."""
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
+    settings = inference_settings(bundle, cfg.faces, cfg.min_confidence, cfg.decode_limits())
     paths = [storage.as_listed(p) for p in cfg.inputs]  # `path` as score writes it (a name that is not UTF-8 escaped)
-    decoded = decode_table(pa.table({"path": paths}), bundle.image_size, cfg.decode_limits(), cfg.storage,
-                           bundle.face_config(cfg.faces))
-    return as_records(Predictor(bundle, cfg.batch_size, cfg.min_confidence)(decoded), bundle.classes)
+    decoded = settings.decode(pa.table({"path": paths}), cfg.storage)
+    return as_records(Predictor(bundle, cfg.batch_size, settings)(decoded), bundle.classes)

@@ -7,10 +7,14 @@ files in `<output>/data/` (only Parquet there: any reader can be pointed at it),
 whole or not at all, of `rows_per_file` rows (or what `flush_seconds` gathered; small ones are
 merged at the end).
 
-Resumable and idempotent: a re-run with the same output and model reads the paths already
-written and scores only the rest, so an interrupted job ends with no duplicates and no gaps. The
-output remembers its model (marker field "model": URI, sha256 of the model file, labels); a
-re-run with another one stops (ConfigError) unless `overwrite` starts over. `_SUCCESS.json` (the
+Resumable and idempotent: a re-run with the same output, model and inference settings reads the
+paths already written and scores only the rest, so an interrupted job ends with no duplicates and
+no gaps. The output remembers its model (marker field "model": URI, sha256 of the model file,
+labels) and how it scored with it (marker field "inference": InferenceSettings.record, i.e. faces,
+test-time views, temperature, min_confidence); a re-run with another model or other settings
+stops (ConfigError, naming what differs) unless `overwrite` starts over. An output written before
+it recorded its settings counts as scored with the model's defaults (its labels.json faces, no
+min_confidence). `_SUCCESS.json` (the
 summary) is written last: output without it is incomplete. `_skipped.parquet` (path, reason),
 beside it and outside data/, lists the files the inputs held that were not scored (hidden, not an
 image, an unreadable archive, ...).
@@ -36,7 +40,7 @@ from emotion_ray import console, outputs, runtime, sources, storage
 from emotion_ray.calibration import UNCERTAIN
 from emotion_ray.config import ScoreConfig, StorageConfig
 from emotion_ray.errors import ConfigError, StageError
-from emotion_ray.inference import Predictor, resolve_model
+from emotion_ray.inference import InferenceSettings, Predictor, inference_settings, resolve_model
 
 SUCCESS = "_SUCCESS.json"
 SKIPPED = "_skipped.parquet"
@@ -129,19 +133,57 @@ def _same_model_id(model_id: Any, model: dict[str, Any]) -> bool:
     return model["sha256"].startswith(digest) if sep else model_id in (model["model_id"], model["uri"])
 
 
-def _check_same_model(cfg: ScoreConfig, model: dict[str, Any]) -> None:
-    """ConfigError when the output already holds predictions of another model."""
+def _flat(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"faces": {"mode": "all"}} -> {"faces.mode": "all"}: settings as the error names them."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _check_same_settings(cfg: ScoreConfig, earlier: Any, settings: InferenceSettings, bundle) -> None:
+    """ConfigError when the output's rows were made with other inference settings than this run's
+    (the model being the same). `earlier`: the marker's record, or None for an output written
+    before outputs recorded their settings, which counts as the model's defaults (the old code
+    could only have used those unless told otherwise, and nothing says it was told)."""
+    ours, assumed = settings.record(), not isinstance(earlier, dict)
+    if assumed:
+        earlier = inference_settings(bundle).record()
+    theirs_flat, ours_flat = _flat(earlier), _flat(ours)
+    # In the record's order (faces.mode first); a face setting one side lacks (its faces off) is
+    # moot beside the mode that differs.
+    differ = [key for key in dict.fromkeys([*ours_flat, *theirs_flat]) if theirs_flat.get(key) != ours_flat.get(key)
+              and (key in theirs_flat and key in ours_flat or not key.startswith("faces."))]
+    if not differ:
+        return
+    shown = lambda value: "unset" if value is None else value  # noqa: E731 - min_confidence off reads `unset`
+    said = ", ".join(f"{key} {shown(theirs_flat.get(key))} there, {shown(ours_flat.get(key))} now" for key in differ)
+    if assumed:
+        said += "; the output predates recorded settings, so it counts as scored with the model's defaults"
+    raise ConfigError(f"output {cfg.output} was scored by this model with other inference settings ({said}); a "
+                      "re-run continues an output only with the settings that scored it: pass --overwrite to "
+                      "delete the earlier predictions and score everything again with these settings, or choose "
+                      "another output")
+
+
+def _check_same_scoring(cfg: ScoreConfig, model: dict[str, Any], settings: InferenceSettings, bundle) -> None:
+    """ConfigError when the output already holds predictions of another model, or of this model
+    with other inference settings (_check_same_settings)."""
     if not _part_files(cfg.output, cfg.storage):
         return
-    earlier = outputs.marker_fields(cfg.output, OWNER_MARKER, cfg.storage).get("model")
+    fields = outputs.marker_fields(cfg.output, OWNER_MARKER, cfg.storage)
+    earlier = fields.get("model")
     if isinstance(earlier, dict):
         if (earlier.get("sha256"), earlier.get("settings")) == (model["sha256"], model["settings"]):
-            return
+            return _check_same_settings(cfg, fields.get("inference"), settings, bundle)
         theirs = _describe_model(earlier)
     else:  # written before outputs remembered their model: the rows' model_id says which it was
         ids = set(read_scores(cfg.output, cfg.storage, ["model_id"])["model_id"].to_pylist())
         if all(_same_model_id(i, model) for i in ids):
-            return
+            return _check_same_settings(cfg, None, settings, bundle)
         theirs = ", ".join(sorted(map(str, ids)))
     raise ConfigError(f"output {cfg.output} holds predictions of model {theirs}, not of this run's model "
                       f"{_describe_model(model)}; a re-run continues an output only with its own model: pass "
@@ -160,18 +202,20 @@ def _move_top_level_parts(cfg: ScoreConfig) -> None:
         storage.remove(_uri(cfg.output, name), cfg.storage)
 
 
-def _claim_output(cfg: ScoreConfig, model: dict[str, Any]) -> None:
-    """Make `output` ours and `model`'s. Its finished part files stay (they are what a re-run
-    resumes from), unless `overwrite` (then all score wrote goes); the summary and interrupted
-    temp files go. A different model's output is refused. Nothing score did not write is touched."""
+def _claim_output(cfg: ScoreConfig, model: dict[str, Any], settings: InferenceSettings, bundle) -> None:
+    """Make `output` ours and `model`'s with `settings`. Its finished part files stay (they are
+    what a re-run resumes from), unless `overwrite` (then all score wrote goes); the summary and
+    interrupted temp files go. An output of a different model, or of other settings, is refused.
+    Nothing score did not write is touched."""
     outputs.claim_folder(cfg.output, OWNER_MARKER, "score", cfg.storage, inputs=cfg.inputs, legacy_names=WRITTEN_NAMES)
     if cfg.overwrite:
         outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage)
     else:
-        _check_same_model(cfg, model)
+        _check_same_scoring(cfg, model, settings, bundle)
         outputs.remove_owned(cfg.output, OWNER_MARKER, cfg.storage, keep=PART_PATTERNS)
     _move_top_level_parts(cfg)
-    outputs.set_marker_fields(cfg.output, OWNER_MARKER, {"model": model}, cfg.storage)
+    outputs.set_marker_fields(cfg.output, OWNER_MARKER, {"model": model, "inference": settings.record()},
+                              cfg.storage)
 
 
 def _row_keys(table: pa.Table) -> list[tuple]:
@@ -254,9 +298,10 @@ def score(cfg: ScoreConfig, show_progress: bool = True) -> dict[str, Any]:
     if not paths:
         raise ConfigError(f"no images found in {cfg.inputs}")
     bundle = resolve_model(cfg.model, cfg.storage, cfg.mlflow_tracking_uri)
+    settings = inference_settings(bundle, cfg.faces, cfg.min_confidence, cfg.decode_limits())
     outputs.check_apart(cfg.output, cfg.inputs)  # before the lock creates the folder
     with outputs.OutputLock(cfg.output, f"score --output {cfg.output}", cfg.storage) as lock:
-        return _score_locked(cfg, paths, skipped, bundle, lock, show_progress)
+        return _score_locked(cfg, paths, skipped, bundle, settings, lock, show_progress)
 
 
 def steady_rate(later_pictures: int, first_batch_s: float | None, last_batch_s: float | None, batches: int,
@@ -284,14 +329,14 @@ def _check_fits(cfg: ScoreConfig, image_size: int, faces) -> None:
                          f"(the largest has {max(n.get('CPU', 0) for n in nodes):g})")
 
 
-def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, bundle, lock: outputs.OutputLock,
-                  show_progress: bool) -> dict[str, Any]:
+def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, bundle, settings: InferenceSettings,
+                  lock: outputs.OutputLock, show_progress: bool) -> dict[str, Any]:
     import ray
 
     model = model_identity(cfg, bundle)
-    _claim_output(cfg, model)
+    _claim_output(cfg, model, settings, bundle)
     console.keep_log_in(cfg.output)  # ours now: the CLI's log moves in
-    faces = bundle.face_config(cfg.faces)
+    faces, size = settings.faces, settings.image_size
     writer = _PartWriter(cfg.output, cfg.storage, cfg.rows_per_file, lock, cfg.flush_seconds)
     repaired = _repair_rows(cfg, writer)
     done = set(read_scores(cfg.output, cfg.storage, ["path"])["path"].to_pylist())
@@ -302,20 +347,19 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
     last_batch_s, batches = None, 0
     if todo:
         runtime.init_ray()
-        _check_fits(cfg, bundle.image_size, faces)
-        ds = sources.listing_dataset(pa.table({"path": todo}), bundle.image_size)
+        _check_fits(cfg, size, faces)
+        ds = sources.listing_dataset(pa.table({"path": todo}), size)
         # Decoding outruns prediction on CPUs: without a cap the backlog of decoded images grows
         # with the input until it fills Ray Data's default budget (a large share of RAM).
         runtime.cap_inflight_bytes(ds, cfg.max_inflight_bytes)
         ds = ds.map_batches(
-            sources.decode_table,
+            settings.decode,  # predict's and the MLflow model's decode too
             batch_format="pyarrow",
             batch_size=cfg.batch_size,
-            fn_kwargs={"image_size": bundle.image_size, "limits": cfg.decode_limits(), "storage_cfg": cfg.storage,
-                       "faces": faces, "one_thread": True},
+            fn_kwargs={"storage_cfg": cfg.storage, "one_thread": True},
             # Decoding (and face detection) runs on every free CPU, not inside the few actors
             # that hold the model.
-            **runtime.unfused_task_options(sources.decode_task_memory(cfg.batch_size, bundle.image_size, faces)),
+            **runtime.unfused_task_options(sources.decode_task_memory(cfg.batch_size, size, faces)),
         )
         ds = ds.map_batches(
             Predictor,
@@ -323,8 +367,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
             batch_size=cfg.batch_size,
             compute=_predictor_pool(cfg),
             # The model travels through the object store, not inside the UDF.
-            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size,
-                                   "min_confidence": cfg.min_confidence},
+            fn_constructor_kwargs={"bundle": ray.put(bundle), "batch_size": cfg.batch_size, "settings": settings},
             num_gpus=cfg.gpus_per_predictor if cfg.use_gpu else 0,
             num_cpus=cfg.cpus_per_predictor,
         )
@@ -367,6 +410,7 @@ def _score_locked(cfg: ScoreConfig, paths: list[str], skipped: sources.Skipped, 
         "part_files": len(_part_files(cfg.output, cfg.storage)),
         "model_id": bundle.model_id,
         "model": {k: model[k] for k in ("uri", "sha256")},
+        "inference": settings.record(),  # what the output continues only with (faces, views, min_confidence)
         "rows": table.num_rows,
         "scored_now": len(todo),
         "already_scored": len(paths) - len(todo),

