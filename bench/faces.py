@@ -450,7 +450,7 @@ def crop_accuracy(args) -> None:
     from emotion_ray.model import load_model_bytes
 
     bundle = resolve_model(args.crop_accuracy, StorageConfig(), "")
-    forward = forward_pass(load_model_bytes(bundle.data), bundle.test_time)
+    forward = forward_pass(load_model_bytes(bundle.model_bytes), bundle.test_time)
     size, classes = bundle.image_size, bundle.classes
     with_face, _ = scenes(args.n)
 

