@@ -514,7 +514,7 @@ def main() -> None:
         if name != "blazeface_one_pass":  # the same process cost as blazeface
             result["load"][name] = load_cost(name)
         for max_side in (640, UNBOUNDED):
-            det = (BlazeFaceDetector(max_side, tiles=False) if name == "blazeface_one_pass"
+            det = (BlazeFaceDetector(max_side, tiles="never") if name == "blazeface_one_pass"
                    else get_detector(name, max_side=max_side))
             det.detect(photos["obama_small.jpg"])  # warm-up (TensorFlow traces on first calls)
             tag = f"{name}@{'full' if max_side == UNBOUNDED else max_side}"
