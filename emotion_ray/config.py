@@ -63,8 +63,9 @@ class FaceConfig(StrictModel):
         "of each picture; all: every face (score writes a row per face).")
     detector: Literal["blazeface", "haar", "mtcnn"] = Field(
         "blazeface", description="blazeface (MediaPipe's BlazeFace, Bazarevsky et al. 2019; LiteRT, no "
-        "TensorFlow): the fastest and most accurate here; mtcnn (Zhang et al. 2016): as accurate, ~10x the CPU, "
-        "TensorFlow in each decode worker; haar (Viola-Jones): frontal faces only, more misses and false boxes.")
+        "TensorFlow): the fastest, as accurate as mtcnn on photos, but false boxes on smooth or blurred "
+        "backgrounds; mtcnn (Zhang et al. 2016): ~6-10x the CPU, TensorFlow in each decode worker, no such false "
+        "boxes; haar (Viola-Jones): for models trained on its crops (more misses and false boxes).")
     tiles: Literal["no_face", "always", "never"] = Field(
         "no_face", description="blazeface only: look again at a picture of 400 px or more in overlapping tiles, "
         "for faces under ~1/10 of its side: no_face (when the whole picture showed none), always (also small "
