@@ -49,14 +49,22 @@ def run(argv: list[str], hang_seconds: float, log: Path) -> dict:
         try:
             rc = proc.wait(timeout=hang_seconds)
         except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGINT)  # the CLI's Ray goes down with it
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
             rc = None
+        except KeyboardInterrupt:  # the loop is stopped: so is the command, and its Ray with it
+            stop(proc)
+            raise
     return {"rc": rc, "hung": rc is None, "wall_s": round(time.perf_counter() - started, 1)}
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Interrupt a CLI command (SIGINT: it stops the Ray it started), killing it if it lingers."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def trial_counts(trials_csv: Path) -> dict:
@@ -79,7 +87,20 @@ def main() -> None:
     data = prepared(args.per_class, args.image_size)
     out = WORK / "tune_loop_runs"
     shutil.rmtree(out, ignore_errors=True)
-    rounds = []
+    rounds: list[dict] = []
+    try:
+        loop(args, data, out, rounds)
+    except KeyboardInterrupt:  # stopped early: what ran is still recorded, and says so
+        print(f"interrupted after {len(rounds)} round(s)", flush=True)
+    record("tune_loop", {"rounds_asked": args.rounds, "rounds": len(rounds),
+                         "rounds_every_trial_finished": sum(r["every_trial_finished"] for r in rounds),
+                         "hung": sum(r[n]["hung"] for r in rounds for n in r if isinstance(r[n], dict)),
+                         "per_class": args.per_class, "image_size": args.image_size, "folds": args.folds,
+                         "face_recipe": args.face_recipe, "per_round": rounds})
+
+
+def loop(args, data: Path, out: Path, rounds: list[dict]) -> None:
+    """Run the rounds, appending each one's result to `rounds` as it ends."""
     for i in range(args.rounds):
         where = out / f"round_{i}"
         where.mkdir(parents=True)
@@ -112,11 +133,6 @@ def main() -> None:
         result["every_trial_finished"] = all(result[name]["every_trial_finished"] for name in commands)
         rounds.append(result)
         print(json.dumps(result), flush=True)
-    record("tune_loop", {"rounds": len(rounds), "rounds_every_trial_finished": sum(r["every_trial_finished"]
-                                                                                   for r in rounds),
-                         "hung": sum(r[n]["hung"] for r in rounds for n in r if isinstance(r[n], dict)),
-                         "per_class": args.per_class, "image_size": args.image_size, "folds": args.folds,
-                         "face_recipe": args.face_recipe, "per_round": rounds})
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def search_trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str],
                                            source=setup["source_tags"])
         tracking.record_training_run(cfg, mlflow_run_id, run_name, setup["dataset_uri"], setup["manifest"])
     weights = (backbone_weights or {}).get((cfg.model.architecture, cfg.model.backbone_weights))
+    if datasets is not None and cfg.data_read_cpus != tcfg.train_config({}).data_read_cpus:
+        datasets = None  # the driver built them for the base's data_read_cpus; this trial samples its own
     trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
                             callbacks=[TuneReportCallback()], backbone_weights=weights, datasets=datasets)
     fit(trainer)  # a stalled input ends the trial with its InputStallError; the search goes on

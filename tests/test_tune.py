@@ -221,7 +221,7 @@ def test_search_and_folds_finish_every_trial_back_to_back_on_1_and_2_cpus_declar
     also declare a whole CPU each, so a trial's reservation (0.01 + 1) leaves its reads 0.99: they
     asked for 1. On 1 CPU the default sizing (0.01 + 0.99) leaves nothing, and building a dataset
     inside a trial ran Parquet sampling tasks of a whole CPU.
-    On 2 CPUs, a deliberately starved input (reads asking a whole CPU, input_stall_timeout_s 10)
+    On 2 CPUs, a deliberately starved input (reads asking a whole CPU, input_stall_timeout_s 30)
     ends its trial with an InputStallError naming the reservations, the search goes on and its
     summary counts the failure; a plain `train` so starved exits 2 with that one line."""
     declared = ["--set", "trial.cpus_per_worker=1"] if cpus == 2 else []
@@ -238,7 +238,8 @@ def test_search_and_folds_finish_every_trial_back_to_back_on_1_and_2_cpus_declar
         commands += [
             # Two trials back to back: the first reads with a whole CPU each and stalls, the second finishes.
             [*tune[:-2], "--set", "name=starved", "--set", "num_samples=1", "--set", "space.data_read_cpus={grid: [1, 0]}",
-             "--set", "base.input_stall_timeout_s=10",
+             # 30 s: the trial that reads with no CPU must not trip it on a busy machine
+             "--set", "base.input_stall_timeout_s=30",
              "--set", "base.max_failures=0", *declared],
             ["train", "--data", str(tiny_prepared), "--output", str(tmp_path / "runs"), "--run-name", "starved",
              "--workers", "1", "--epochs", "1", "--batch-size", "8", "--no-mlflow", "--set", "cpus_per_worker=1.5",
