@@ -1,14 +1,14 @@
 """Tune loop (issue 30): the smoke search and a 3-fold `evaluate`, N times in a row, as a user runs them.
 
 Each command is `emotion-ray tune|evaluate` in its own process, so each starts its own Ray, as on a
-user's machine (other Ray instances on the machine are left running: issue 30 hung only beside
-them). Per round it records each command's exit status, wall seconds, and how many trials (folds)
+user's machine; an idle second Ray runs beside them (issue 30 hung only beside another Ray;
+`--alone` leaves it out). Per round it records each command's exit status, wall seconds, and how many trials (folds)
 finished or failed; a command that outlives `--hang-seconds` is counted as hung, interrupted
 (SIGINT: the CLI stops the Ray it started) and the loop goes on. `--face-recipe` adds the face
 recipe's search (tune_configs/face_recipe_overnight.yaml on CPU, face_cnn only: the backbones'
 ImageNet weights need a download) to each round.
 
-    python -m bench.tune_loop [--rounds 10] [--cpus 2] [--per-class 40] [--face-recipe]
+    python -m bench.tune_loop [--rounds 10] [--per-class 40] [--folds 3] [--face-recipe] [--alone]
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ def prepared(per_class: int, image_size: int) -> Path:
         subprocess.run([sys.executable, "-m", "emotion_ray.cli", "prepare", "--input", str(images), "--output",
                         str(out), "--image-size", str(image_size)], check=True, cwd=ROOT)
     return out
+
+
+def another_ray() -> subprocess.Popen:
+    """An idle second Ray instance on this machine for the loop's duration (1 CPU, no dashboard), as
+    on the machine where issue 30 hung: Ray Train's placement group cleaner then found two Rays."""
+    code = ("import sys, ray; ray.init(address='local', num_cpus=1, include_dashboard=False, logging_level='ERROR'); "
+            "print('up', flush=True); sys.stdin.read(); ray.shutdown()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "up", "the second Ray did not start"
+    return proc
 
 
 def run(argv: list[str], hang_seconds: float, log: Path) -> dict:
@@ -83,20 +93,30 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--face-recipe", action="store_true", help="also run the face recipe's search each round")
     parser.add_argument("--hang-seconds", type=float, default=1200, help="a command running longer counts as hung")
+    parser.add_argument("--alone", action="store_true", help="no second Ray beside the commands' own")
     args = parser.parse_args()
+    # A shell starts a background job with SIGINT ignored, and children inherit that: restore it, so
+    # an interrupted loop still records what ran and stop() can interrupt a command (and its Ray).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     data = prepared(args.per_class, args.image_size)
     out = WORK / "tune_loop_runs"
     shutil.rmtree(out, ignore_errors=True)
     rounds: list[dict] = []
+    beside = None if args.alone else another_ray()
     try:
         loop(args, data, out, rounds)
     except KeyboardInterrupt:  # stopped early: what ran is still recorded, and says so
         print(f"interrupted after {len(rounds)} round(s)", flush=True)
+    finally:
+        if beside is not None:
+            beside.stdin.close()  # it shuts its Ray down and exits
+            beside.wait(timeout=120)
     record("tune_loop", {"rounds_asked": args.rounds, "rounds": len(rounds),
                          "rounds_every_trial_finished": sum(r["every_trial_finished"] for r in rounds),
                          "hung": sum(r[n]["hung"] for r in rounds for n in r if isinstance(r[n], dict)),
                          "per_class": args.per_class, "image_size": args.image_size, "folds": args.folds,
-                         "face_recipe": args.face_recipe, "per_round": rounds})
+                         "face_recipe": args.face_recipe, "another_ray_beside": beside is not None,
+                         "per_round": rounds})
 
 
 def loop(args, data: Path, out: Path, rounds: list[dict]) -> None:
