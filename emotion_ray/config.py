@@ -313,6 +313,21 @@ class TrainConfig(StrictModel):
         "with the training split's class shares; ln 3 = 1.099 for three balanced classes). Until then the run "
         "goes on, up to `epochs`. null: early stopping from the first epoch, whatever the loss.")
     max_failures: int = Field(2, ge=0, description="Worker failures survived by resuming from the last checkpoint.")
+    input_stall_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a Train worker waits for the next batch of its input (Ray Data) before the run fails "
+        "with an InputStallError naming the CPU reservations it waited on (retried like a worker failure, "
+        "max_failures). The clock runs only while the worker waits and restarts with every batch, so a slow "
+        "pipeline never trips it, a stuck one does (e.g. reads waiting for CPUs that placement groups hold).",
+    )
+    data_read_cpus: float = Field(
+        0.0,
+        ge=0,
+        description="CPUs each Ray Data read task of the input reserves (Ray Data's own default is 1). 0: reads "
+        "never wait for CPUs held by placement groups (a trial's, its workers', an earlier trial's); they share "
+        "the cores with the workers either way.",
+    )
     image_size: int | None = Field(None, ge=8, le=2048, description="Only when preparing on the fly.")
     seed: int = 0
     cache_in_memory: bool | None = Field(

@@ -226,9 +226,9 @@ def _run_locked(cfg: CrossValidationConfig, manifest: dict[str, Any], keys: np.n
     from emotion_ray import tracking
     from emotion_ray.config import TrainConfig
     from emotion_ray.runtime import init_ray
-    from emotion_ray.train import run_storage
+    from emotion_ray.train import run_storage, training_datasets
     from emotion_ray.trials import fold_trial
-    from emotion_ray.tune import TRIAL_DRIVER_CPUS, trial_concurrency, trials_bar
+    from emotion_ray.tune import TRIAL_DRIVER_CPUS, error_reason, trial_concurrency, trials_bar
 
     datasets = write_fold_datasets(cfg, manifest, keys, labels, plan)
     init_ray()
@@ -245,8 +245,12 @@ def _run_locked(cfg: CrossValidationConfig, manifest: dict[str, Any], keys: np.n
              "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     storage_path, storage_fs = run_storage(TrainConfig(data=cfg.data, output=cfg.output, storage=cfg.storage))
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(ray.tune.with_parameters(fold_trial, backbone_weights=weights),
-                                {"cpu": TRIAL_DRIVER_CPUS}),
+        ray.tune.with_resources(ray.tune.with_parameters(
+            fold_trial, backbone_weights=weights,
+            # built here, before any fold holds CPUs (train.training_datasets)
+            datasets=[training_datasets(cfg.fold_train_config(k, uri, cfg.output), uri)
+                      for k, (uri, _) in enumerate(datasets)]),
+            {"cpu": TRIAL_DRIVER_CPUS}),
         param_space={"fold": ray.tune.grid_search(list(range(cfg.folds))), "_setup": setup},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=min(concurrency, cfg.folds)),
         run_config=ray.tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=storage_fs,
@@ -262,7 +266,7 @@ def _run_locked(cfg: CrossValidationConfig, manifest: dict[str, Any], keys: np.n
         else:
             failed.append(k)
     if failed:
-        errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None]
+        errors = [error_reason(r.error) for r in grid if r.error is not None]
         if parent_run_id:
             tracking.client(cfg.mlflow.tracking_uri).set_terminated(parent_run_id, status="FAILED")
         raise StageError(f"fold(s) {failed} of {cfg.folds} failed" + (f": {errors[0]}" if errors else "")

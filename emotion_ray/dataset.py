@@ -17,6 +17,14 @@ from emotion_ray.errors import ConfigError
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
 READ_TASK_BYTES = 128 * 1024**2  # pixels one read task of `load_split` reads (several shards if small)
+# CPUs a read task of `load_split` reserves (Ray Data asks 1 by default). Reserved CPUs are only
+# a scheduling token: the read shares the cores with the Train workers anyway. A whole CPU is
+# what placement groups can leave unfree: a trial's driver (0.01) and its workers (0.99) leave
+# exactly 1.0 on 2 CPUs, and an earlier trial's worker group still being removed, or workers
+# that declare a whole CPU, then hold a CPU no one frees and the read waits forever (issue 30).
+# 0 always fits; how many reads run at once is bounded by their count (READ_TASK_BYTES) and
+# Ray Data's object-store budget, not by CPUs.
+READ_TASK_CPUS = 0.0
 
 
 def is_prepared(dataset_uri: str, storage_cfg: StorageConfig | None = None) -> bool:
@@ -57,10 +65,11 @@ def read_shard(dataset_uri: str, rel: str, storage_cfg: StorageConfig | None = N
 
 
 def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None,
-               columns: tuple[str, ...] = ("image", "label_index")):
+               columns: tuple[str, ...] = ("image", "label_index"), read_cpus: float = READ_TASK_CPUS):
     """A Ray Dataset of one split's rows: `image` (binary, image_size² x 3 uint8 RGB) and
     `label_index` (int32), streamed from its shards; `columns` names others to read too (README,
-    prepare: e.g. `path`). ConfigError when the split is empty."""
+    prepare: e.g. `path`). `read_cpus`: CPUs each read task reserves (see READ_TASK_CPUS).
+    ConfigError when the split is empty."""
     import ray
 
     from emotion_ray.runtime import parquet_reader_v1
@@ -77,5 +86,22 @@ def load_split(dataset_uri: str, split: str, storage_cfg: StorageConfig | None =
     with parquet_reader_v1():  # the manifest already names every shard
         return ray.data.read_parquet(
             files, filesystem=storage.pyarrow_filesystem(dataset_uri, storage_cfg), columns=list(columns),
-            override_num_blocks=read_tasks,
+            override_num_blocks=read_tasks, num_cpus=read_cpus,
         )
+
+
+def iter_split_batches(dataset_uri: str, split: str, storage_cfg: StorageConfig | None = None,
+                       columns: tuple[str, ...] = ("image", "label_index"), batch_size: int = 1024):
+    """One split's rows as pyarrow RecordBatches of up to `batch_size` rows, read shard by shard in
+    this process (no Ray): for a caller that consumes every row itself (evaluation). Ray Data would
+    only add tasks that must be scheduled: its Parquet reader samples files in tasks asking a whole
+    CPU, which wait forever inside a Tune trial on a 1-CPU machine (issue 30). Nothing for a split
+    without shards."""
+    import pyarrow.parquet as pq
+
+    manifest = read_manifest(dataset_uri, storage_cfg)
+    fs = storage.pyarrow_filesystem(dataset_uri, storage_cfg)
+    for rel in manifest["shards"].get(split, []):
+        path = storage.strip_scheme(storage.join(dataset_uri, rel))
+        with fs.open_input_file(path) as fh:
+            yield from pq.ParquetFile(fh).iter_batches(batch_size=batch_size, columns=list(columns))

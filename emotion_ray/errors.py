@@ -19,3 +19,9 @@ class ConfigError(EmotionRayError, ValueError):
 
 class StageError(EmotionRayError, RuntimeError):
     """A run that cannot continue for a reason outside the config (resources, locks, models)."""
+
+
+class InputStallError(StageError):
+    """A Train worker's input pipeline (Ray Data) delivered no batch for `input_stall_timeout_s`:
+    stuck, not slow (typically its read tasks wait for CPUs that placement groups hold). The
+    message names the reservations on the cluster at that moment."""

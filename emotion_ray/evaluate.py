@@ -22,7 +22,6 @@ import yaml
 
 from emotion_ray import storage
 from emotion_ray.config import StorageConfig, TrainConfig
-from emotion_ray.errors import ConfigError
 from emotion_ray.inference import LABELS_FILE, MODEL_FILE, TestTimeAugmentation
 from emotion_ray.report import write_report
 
@@ -41,23 +40,19 @@ def _split_probabilities(predictor, dataset_uri: str, split: str, storage_cfg: S
     import numpy as np
 
     from emotion_ray.calibration import apply_temperature
-    from emotion_ray.dataset import load_split
+    from emotion_ray.dataset import iter_split_batches
     from emotion_ray.images import pixels_from_arrow
 
     probs, labels = [np.zeros((0, num_classes), np.float32)], [np.zeros(0, np.int64)]
-    try:
-        rows = load_split(dataset_uri, split, storage_cfg,
-                          ("image", "label_index") + (("path",) if mistakes is not None else ()))
-    except ConfigError:
-        rows = None
-    if rows is not None:
-        for batch in rows.iter_batches(batch_size=EVALUATION_BATCH, batch_format="pyarrow"):
-            images = pixels_from_arrow(batch["image"], image_size)
-            probs.append(predictor.probabilities(images))
-            labels.append(batch["label_index"].to_numpy().astype(np.int64))
-            if mistakes is not None:
-                mistakes.add(images, apply_temperature(probs[-1], temperature), labels[-1],
-                             batch["path"].to_pylist())
+    columns = ("image", "label_index") + (("path",) if mistakes is not None else ())
+    # Read here, not through Ray Data: every row comes to this process anyway (see iter_split_batches).
+    for batch in iter_split_batches(dataset_uri, split, storage_cfg, columns, EVALUATION_BATCH):
+        images = pixels_from_arrow(batch["image"], image_size)
+        probs.append(predictor.probabilities(images))
+        labels.append(batch["label_index"].to_numpy().astype(np.int64))
+        if mistakes is not None:
+            mistakes.add(images, apply_temperature(probs[-1], temperature), labels[-1],
+                         batch["path"].to_pylist())
     return np.concatenate(probs), np.concatenate(labels)
 
 

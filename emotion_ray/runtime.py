@@ -13,6 +13,7 @@ Checked against Ray 2.60.
 from __future__ import annotations
 
 import contextlib
+import math
 import json
 import os
 from typing import Any, Iterator
@@ -62,15 +63,17 @@ def job_env_vars() -> dict[str, str]:
     return dict((job_config.get("runtime_env") or {}).get("env_vars") or {})
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the cluster at `address` / $RAY_ADDRESS (as `ray job submit` sets), else start a local one."""
+def init_ray(address: str | None = None, num_cpus: float | None = None) -> None:
+    """Join the cluster at `address` / $RAY_ADDRESS (as `ray job submit` sets), else start a local
+    one declaring `num_cpus` CPUs (None: the machine's cores; ignored when joining)."""
     import ray
 
     if ray.is_initialized():
         return
     setup_process()
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if starts_its_own_ray(address):
+    own = starts_its_own_ray(address)
+    if own:
         # Its processes inherit this environment, WORKER_ENV included. A runtime env would
         # make every worker start through Ray's runtime-env agent and leave Ray's pre-started
         # workers unused (actor start-up: bench/RESULTS.md, score).
@@ -78,14 +81,58 @@ def init_ray(address: str | None = None) -> None:
     else:
         already = job_env_vars()
         env_vars = {k: v for k, v in WORKER_ENV.items() if k not in already}
-    ray.init(
-        address=address,
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-        # Workers' lines come to the driver's stderr: the CLI's log file unless --verbose (console.py).
-        log_to_driver=True,
-        logging_level="WARNING",
-    )
+    dashboard_port = free_port() if own else None
+    with _environment(state_api_address(dashboard_port) if own else {}):
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env_vars} if env_vars else None,
+            # Workers' lines come to the driver's stderr: the CLI's log file unless --verbose (console.py).
+            log_to_driver=True,
+            logging_level="WARNING",
+            dashboard_port=dashboard_port,
+            num_cpus=num_cpus if own else None,
+        )
     quiet_ray_data()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def state_api_address(dashboard_port: int) -> dict[str, str]:
+    """The environment that tells Ray's processes where this Ray's state API (its dashboard) is.
+
+    Ray Train's PlacementGroupCleaner (a detached actor) asks the state API whether a run's
+    controller is alive, and removes the run's worker placement group once it is dead: a Tune
+    trial that ASHA stops, or that ends, is killed with its controller before the controller
+    removes its group. The state API finds its cluster from RAY_API_SERVER_ADDRESS / RAY_ADDRESS
+    or, for a Ray started by `ray.init` (ours on one machine), by looking for GCS processes; with
+    any other Ray on the machine it finds several, the cleaner's thread dies ("Found multiple
+    active Ray instances") and the group's CPUs stay reserved for good: the next trial's workers or
+    reads never get them (issue 30). Ray's processes inherit the environment ray.init starts
+    them with, so this is set around it."""
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set `values` in os.environ while inside, then restore it: the processes started inside
+    keep them, this process does not."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def quiet_ray_data() -> None:
@@ -170,3 +217,43 @@ def fits_a_node(demand: dict[str, float], nodes: list[dict[str, float]]) -> bool
     "No available node types can fulfill" warning), so callers check before they start.
     """
     return any(all(node.get(name, 0) >= amount for name, amount in demand.items() if amount) for node in nodes)
+
+
+def cpu_reservations() -> dict[str, Any]:
+    """What holds the cluster's CPUs right now: `total` and `free` CPUs, and `groups`, every live
+    placement group reserving CPUs, largest first: {id (hex), name, cpus, state, mine (the calling
+    process runs in it)}. Placement groups are where Tune trials, Ray Train worker groups (and one
+    being removed after its run) hold CPUs that no other task may use, whether busy or not."""
+    import ray
+
+    mine = ray.get_runtime_context().get_placement_group_id()
+    groups = []
+    for pg_id, info in ray.util.placement_group_table().items():
+        cpus = sum(bundle.get("CPU", 0) for bundle in (info.get("bundles") or {}).values())
+        if info.get("state") != "REMOVED" and cpus:
+            groups.append({"id": pg_id, "name": info.get("name") or "", "cpus": round(cpus, 4),
+                           "state": info.get("state"), "mine": pg_id == mine})
+    groups.sort(key=lambda g: -g["cpus"])
+    return {"total": ray.cluster_resources().get("CPU", 0.0), "free": ray.available_resources().get("CPU", 0.0),
+            "groups": groups}
+
+
+def describe_cpu_reservations(reservations: dict[str, Any]) -> str:
+    """cpu_reservations() in one sentence, e.g. `2 CPUs, 0.01 free; placement groups hold 1.99:
+    3f2a.. 0.99 (this worker's group), 9c1e.. 0.99, 77b0.. 0.01`."""
+    groups = reservations["groups"]
+    held = sum(g["cpus"] for g in groups)
+    parts = [f"{g['id'][:8]} {g['cpus']:g}" + (" (this worker's group)" if g["mine"] else "")
+             + (f" [{g['state']}]" if g["state"] != "CREATED" else "") for g in groups]
+    return (f"{reservations['total']:g} CPUs, {reservations['free']:g} free; placement groups hold {held:g}"
+            + (": " + ", ".join(parts) if parts else ""))
+
+
+def bound_worker_placement(seconds: float) -> dict[str, Any]:
+    """Ray Train `FailureConfig` options that give up on a worker group that cannot be placed for
+    about `seconds`. Ray Train 2.60 retries a group start that timed out (60 s each,
+    RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S) without limit: right while an autoscaler adds nodes,
+    a hang when a placement group that will never go holds the CPUs (issue 30). Its
+    `controller_failure_limit` (a DeveloperAPI) counts those timeouts."""
+    start_timeout = float(os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", 60))
+    return {"controller_failure_limit": max(1, math.ceil(seconds / start_timeout))}

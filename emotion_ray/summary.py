@@ -89,6 +89,9 @@ def tune_text(t: dict[str, Any]) -> str:
     lines = [f"tuned {t['trials']} trials: best {t['best_trial']} ({metric[5:]} {t[metric]:.4g}, "
              f"test accuracy {t['best_test_accuracy']:.3f})",
              f"  best config  {config}",
+             *([f"  failed       {t['failed_trials']} of {t['trials']} trials (trials.csv's error column): "
+                + "; ".join(f"{n} x {reason}" for reason, n in t.get("failure_reasons", {}).items())]
+               if t.get("failed_trials") else []),
              f"  trials       {t['experiment']}/trials.csv (and .parquet), ranked",
              f"  best model   {t['best_model']}" + (f" (registered as {t['registered_model']})"
                                                     if t.get("registered_model") else ""),

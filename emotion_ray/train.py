@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 from typing import Any
 
 from emotion_ray import console, outputs, storage
 from emotion_ray.config import PrepareConfig, TrainConfig
-from emotion_ray.errors import ConfigError
-from emotion_ray.runtime import init_ray, train_worker_runtime_env
+from emotion_ray.errors import ConfigError, InputStallError, StageError
+from emotion_ray.runtime import bound_worker_placement, init_ray, train_worker_runtime_env
 
 
 def run_storage(cfg: TrainConfig) -> tuple[str, Any]:
@@ -50,17 +51,45 @@ def resolve_dataset(cfg: TrainConfig, run_dir: str) -> tuple[str, dict[str, Any]
 
 def worker_cpus(cluster_cpus: float, workers: int, use_gpu: bool, groups: int = 1, reserved: float = 0.0) -> float:
     """Default CPU reservation per worker: 1, but on small CPU-only clusters less, so that one
-    whole CPU stays free for Ray Data's read tasks.
+    whole CPU stays free for Ray Data (when there is more than one), and the workers fit at all.
 
     `groups` worker groups run at once (concurrent Tune trials), and `reserved` CPUs are held
-    by others (their trial drivers). A cluster of at most one CPU is an autoscaling cluster's
-    head: workers arrive with their own CPUs, so they ask for 1.
+    by others (their trial drivers). A cluster with no CPU is an autoscaling cluster's head:
+    workers arrive with their own CPUs, so they ask for 1. A 1-CPU machine is a machine: its
+    workers share what the trial drivers leave (reads need none: dataset.READ_TASK_CPUS).
     """
-    free = cluster_cpus - 1 - reserved
     wanted = workers * groups
-    if use_gpu or free >= wanted or cluster_cpus <= 1:
+    if use_gpu or cluster_cpus < 1:
         return 1.0
+    free = cluster_cpus - 1 - reserved
+    if free >= wanted:
+        return 1.0
+    if free <= 0:  # nothing to leave to Ray Data: the workers share what the drivers leave
+        free = cluster_cpus - reserved
     return max(0.01, int(free / wanted * 100) / 100)
+
+
+def input_stall(error: BaseException) -> InputStallError | None:
+    """The InputStallError a Train worker raised, from the error `trainer.fit()` raised (Ray Train
+    wraps each worker's exception in a WorkerGroupError, Ray a trial's in a RayTaskError whose text
+    is the whole remote traceback), as a plain InputStallError of its one-line message; None if none."""
+    chain, todo = [], [error]
+    while todo:
+        exc = todo.pop()
+        if exc is None or any(exc is seen for seen in chain):
+            continue
+        chain.append(exc)
+        todo += [exc.__cause__, exc.__context__, getattr(exc, "cause", None)]
+        todo += list((getattr(exc, "worker_failures", None) or {}).values())
+    # Its text, from wherever it is (a worker's exception may cross processes as text only).
+    for exc in chain:
+        match = _STALL.search(str(exc))
+        if match:
+            return InputStallError(match.group(0))
+    return next((InputStallError(str(exc)) for exc in chain if isinstance(exc, InputStallError)), None)
+
+
+_STALL = re.compile(r"input stalled: [^\n]*")
 
 
 CACHE_BYTES_PER_WORKER = 2 * 1024**3
@@ -103,6 +132,17 @@ def _train_loop_on_worker(loop_config: dict[str, Any]) -> None:
     train_loop_per_worker(loop_config)
 
 
+def training_datasets(cfg: TrainConfig, dataset_uri: str) -> dict[str, Any]:
+    """{"train", "val"}: the Ray Datasets a run trains on. Build them where no placement group
+    holds CPUs (a driver, before its Tune trials start) and hand them to the trials: building one
+    runs Ray Data's Parquet sampling tasks, a whole CPU each, which inside a trial on a 1-CPU
+    machine (its driver's 0.01 reserved) never start (issue 30)."""
+    from emotion_ray.dataset import load_split
+
+    return {split: load_split(dataset_uri, split, cfg.storage, read_cpus=cfg.data_read_cpus)
+            for split in ("train", "val")}
+
+
 def build_trainer(
     cfg: TrainConfig,
     dataset_uri: str,
@@ -112,8 +152,11 @@ def build_trainer(
     callbacks: list | None = None,
     backbone_weights: bytes | None = None,
     progress=None,
+    datasets: dict[str, Any] | None = None,
 ):
     """The TensorflowTrainer for one training run; tune.py builds its trials with this too.
+    `datasets`: training_datasets(cfg, dataset_uri) as the caller built it outside any trial
+    (built here when not given).
     `backbone_weights`: backbones.resolve_weights(cfg.model) as the caller read it once (read here
     when not given); every worker gets these bytes, none reads or downloads the file itself.
     `progress`: a console.Tally handle the chief reports each epoch to, or None."""
@@ -121,12 +164,12 @@ def build_trainer(
     from ray.train.tensorflow import TensorflowTrainer
 
     from emotion_ray.backbones import resolve_weights
-    from emotion_ray.dataset import load_split
     from emotion_ray.metrics import chance_loss
     from emotion_ray.tf_backend import MultiWorkerTFConfig
 
     if backbone_weights is None:
         backbone_weights = resolve_weights(cfg.model, cfg.storage)
+    datasets = datasets or training_datasets(cfg, dataset_uri)
 
     storage_path, storage_fs = run_storage(cfg)
     cpus_per_worker = cfg.cpus_per_worker or worker_cpus(ray.cluster_resources().get("CPU", 0), cfg.workers,
@@ -153,20 +196,53 @@ def build_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
         ),
-        datasets={
-            "train": load_split(dataset_uri, "train", cfg.storage).randomize_block_order(),
-            "val": load_split(dataset_uri, "val", cfg.storage),
-        },
+        datasets={"train": datasets["train"].randomize_block_order(), "val": datasets["val"]},
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            # CPU workers that cannot be placed for input_stall_timeout_s fail the run (train.fit);
+            # GPU workers may wait for an autoscaler's nodes as long as it takes.
+            failure_config=ray.train.FailureConfig(
+                max_failures=cfg.max_failures,
+                **({} if cfg.use_gpu else bound_worker_placement(cfg.input_stall_timeout_s))),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             worker_runtime_env=train_worker_runtime_env(),
             callbacks=callbacks or [],
         ),
     )
+
+
+def fit(trainer):
+    """`trainer.fit()`, its stalls raised as StageErrors (one line, exit 2) rather than inside Ray
+    Train's wrappers: a worker's InputStallError as itself, after Ray Train's own retries
+    (max_failures); a worker group that could not be placed (runtime.bound_worker_placement) with
+    the CPU reservations that kept it out."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        stall = input_stall(exc)
+        if stall is not None:
+            raise stall from exc
+        if "WorkerGroupStartupTimeoutError" in _names(exc) or "worker group startup timed out" in str(exc):
+            from emotion_ray.runtime import cpu_reservations, describe_cpu_reservations
+
+            raise StageError(f"the Train workers could not be placed: their start timed out "
+                             f"{trainer.run_config.failure_config.controller_failure_limit} time(s). Cluster: "
+                             f"{describe_cpu_reservations(cpu_reservations())}") from exc
+        raise
+
+
+def _names(exc: BaseException) -> set[str]:
+    """The class names of `exc` and every exception it carries (causes, a ControllerError's failure)."""
+    names, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or type(e).__name__ in names:
+            continue
+        names.add(type(e).__name__)
+        todo += [e.__cause__, e.__context__, getattr(e, "controller_failure", None)]
+    return names
 
 
 def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> dict[str, Any]:
@@ -202,8 +278,8 @@ def run_training(cfg: TrainConfig, mlflow_parent_run_id: str | None = None) -> d
                                                              cfg.model.init_from)
     # Same name + storage path: Ray Train V2 restores the run's checkpoint state on its own.
     with console.remote_progress(cfg.epochs, "training", "epoch") as progress:
-        result = build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
-                               backbone_weights=backbone_weights, progress=progress).fit()
+        result = fit(build_trainer(cfg, dataset_uri, manifest, run_name, mlflow_run_id,
+                                   backbone_weights=backbone_weights, progress=progress))
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} produced no checkpoint: {result.error}")
     metrics = export_run(result.checkpoint, cfg, dataset_uri, manifest, run_dir, mlflow_run_id)

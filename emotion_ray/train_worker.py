@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -24,6 +24,7 @@ import tensorflow as tf
 from emotion_ray import model as model_lib
 from emotion_ray.config import TrainConfig
 from emotion_ray.early_stopping import learned_below, stops_early
+from emotion_ray.errors import InputStallError
 from emotion_ray.images import pixels_from_arrow
 
 STATE_FILE = "state.json"
@@ -38,9 +39,74 @@ def fresh_state() -> dict[str, Any]:
             "reused_frozen": False}
 
 
-def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffle: bool, cache_rows: int = 0):
+def watched(batches: Iterator, stall_timeout_s: float, what: str, read_cpus: float = 0.0) -> Iterator:
+    """`batches`, drawn by a helper thread, with a watchdog: InputStallError (a StageError) once
+    the caller has waited `stall_timeout_s` seconds for one batch. Ray Data's iterators have no
+    timeout of their own: a read task that never gets its CPUs blocks the worker forever (issue 30).
+    The clock runs only while the caller waits, so a slow consumer (training) never trips it.
+    `what` names the input in the error (e.g. "the train split"); `read_cpus` is what each read asks."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=2)  # the next batches, as Ray Data's own prefetch
+    stop = threading.Event()
+    end = object()
+
+    def offer(item) -> bool:
+        """Queue `item` unless the consumer has gone; whether it was queued."""
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def draw() -> None:
+        try:
+            for item in batches:
+                if not offer(item):
+                    return
+            offer(end)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
+            offer(exc)
+
+    threading.Thread(target=draw, name="input-watchdog", daemon=True).start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=stall_timeout_s)
+            except queue.Empty:
+                raise InputStallError(stall_message(what, stall_timeout_s, read_cpus)) from None
+            if item is end:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # an abandoned epoch (early stop, error): the helper stops at its next batch
+
+
+def stall_message(what: str, waited_s: float, read_cpus: float) -> str:
+    """The InputStallError's text: what waited, for how long, and the cluster's CPU reservations
+    at that moment (runtime.cpu_reservations), so the person reading it sees who holds the CPUs."""
+    from emotion_ray.runtime import cpu_reservations, describe_cpu_reservations
+
+    try:
+        held = describe_cpu_reservations(cpu_reservations())
+    except Exception as exc:  # noqa: BLE001 - the stall is the error to report, not this query
+        held = f"the reservations could not be read ({exc})"
+    return (f"input stalled: no batch from {what} (Ray Data) in {waited_s:g} s; its read tasks ask {read_cpus:g} "
+            f"CPU each. Cluster: {held}. A placement group holds its CPUs until removed, used or not; raise "
+            "input_stall_timeout_s if the input is only slow")
+
+
+def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffle: bool, cache_rows: int = 0,
+               stall_timeout_s: float | None = None, what: str = "the input", read_cpus: float = 0.0):
     """A tf.data pipeline of (uint8 images (B, size, size, 3), one-hot labels (B, classes))
-    over this worker's Ray Data shard; re-iterated every epoch.
+    over this worker's Ray Data shard; re-iterated every epoch. With `stall_timeout_s`, a shard
+    that delivers no batch for that long raises InputStallError (see `watched`; `what` and
+    `read_cpus` word its message).
 
     With `cache_rows` (> 0: the shard fits in memory), the shard is read once, here, into two
     tensors in host memory, and every epoch gathers its batches from them in a new random order:
@@ -53,12 +119,15 @@ def tf_dataset(shard, image_size: int, num_classes: int, batch_size: int, shuffl
 
     def batches(local_shuffle: bool):
         # Arrow batches: the images are a view of the column's buffer, not a per-row copy.
-        for batch in shard.iter_batches(
+        arrow = shard.iter_batches(
             batch_size=batch_size,
             batch_format="pyarrow",
             local_shuffle_buffer_size=batch_size * 8 if local_shuffle else None,
             prefetch_batches=2,
-        ):
+        )
+        if stall_timeout_s:
+            arrow = watched(iter(arrow), stall_timeout_s, what, read_cpus)
+        for batch in arrow:
             yield pixels_from_arrow(batch["image"], image_size), eye[batch["label_index"].to_numpy()]
 
     if cache_rows:
@@ -225,8 +294,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # Both shards before either is read: each starts its own Ray Data coordinator process, and
     # these then start side by side rather than one after the other.
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    train_ds = tf_dataset(train_shard, image_size, len(classes), per_worker_batch, True, cache_rows)
-    val_ds = tf_dataset(val_shard, image_size, len(classes), per_worker_batch, False, cache_rows)
+    watchdog = {"stall_timeout_s": cfg.input_stall_timeout_s, "read_cpus": cfg.data_read_cpus}
+    train_ds = tf_dataset(train_shard, image_size, len(classes), per_worker_batch, True, cache_rows,
+                          what="the train split", **watchdog)
+    val_ds = tf_dataset(val_shard, image_size, len(classes), per_worker_batch, False, cache_rows,
+                        what="the val split", **watchdog)
 
     on_report = None
     if loop_config.get("mlflow_run_id") and rank == 0:  # only the chief logs: MLflow costs others its import

@@ -16,14 +16,16 @@ from emotion_ray import storage
 from emotion_ray.config import CrossValidationConfig, TuneConfig
 
 
-def search_trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes] | None = None) -> None:
+def search_trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str], bytes] | None = None,
+                 datasets: dict[str, Any] | None = None) -> None:
     """One Tune trial: the same TensorflowTrainer `emotion-ray train` builds, fitted once.
-    `backbone_weights`: see tune.backbone_weights() (Tune ships them through the object store once)."""
+    `backbone_weights`: see tune.backbone_weights() (Tune ships them through the object store once);
+    `datasets`: train.training_datasets as the driver built them (None: built here)."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from emotion_ray import tracking
-    from emotion_ray.train import build_trainer
+    from emotion_ray.train import build_trainer, fit
 
     setup = config["_setup"]
     tcfg = TuneConfig.model_validate(setup["tune"])
@@ -38,24 +40,28 @@ def search_trial(config: dict[str, Any], backbone_weights: dict[tuple[str, str],
                                            source=setup["source_tags"])
         tracking.record_training_run(cfg, mlflow_run_id, run_name, setup["dataset_uri"], setup["manifest"])
     weights = (backbone_weights or {}).get((cfg.model.architecture, cfg.model.backbone_weights))
+    if datasets is not None and cfg.data_read_cpus != tcfg.train_config({}).data_read_cpus:
+        datasets = None  # the driver built them for the base's data_read_cpus; this trial samples its own
     trainer = build_trainer(cfg, setup["dataset_uri"], setup["manifest"], run_name, mlflow_run_id,
-                            callbacks=[TuneReportCallback()], backbone_weights=weights)
-    trainer.fit()
+                            callbacks=[TuneReportCallback()], backbone_weights=weights, datasets=datasets)
+    fit(trainer)  # a stalled input ends the trial with its InputStallError; the search goes on
     if mlflow_run_id:
         tracking.client(tcfg.mlflow.tracking_uri).set_terminated(mlflow_run_id, status="FINISHED")
 
 
-def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) -> None:
+def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None,
+               datasets: list[dict[str, Any]] | None = None) -> None:
     """One fold as a Tune trial: train on its dataset (train.build_trainer), evaluate its best
     checkpoint on the held-out fold (evaluate.evaluate_best), write the fold's metrics.json
-    and history.csv, and track it as a child MLflow run."""
+    and history.csv, and track it as a child MLflow run. `datasets`: each fold's
+    train.training_datasets as the driver built them (None: built here)."""
     import ray.tune
 
     from emotion_ray import tracking
     from emotion_ray.crossval import FOLD_HISTORY, FOLD_METRICS, TRAIN_RUNS, fold_dir
     from emotion_ray.evaluate import evaluate_best, history_csv
     from emotion_ray.inference import TestTimeAugmentation
-    from emotion_ray.train import build_trainer
+    from emotion_ray.train import build_trainer, fit
 
     setup, k = config["_setup"], config["fold"]
     cv = CrossValidationConfig.model_validate(setup["cv"])
@@ -68,7 +74,8 @@ def fold_trial(config: dict[str, Any], backbone_weights: bytes | None = None) ->
                                     {**cfg.model_dump(mode="json"), "cv": {"fold": k, "folds": cv.folds}},
                                     parent_run_id=setup["parent_run_id"], source=setup["source_tags"])
         tracking.record_training_run(cfg, run_id, cfg.run_name, dataset_uri, manifest)
-    result = build_trainer(cfg, dataset_uri, manifest, cfg.run_name, run_id, backbone_weights=backbone_weights).fit()
+    result = fit(build_trainer(cfg, dataset_uri, manifest, cfg.run_name, run_id, backbone_weights=backbone_weights,
+                               datasets=datasets[k] if datasets else None))
     if result.checkpoint is None:
         raise RuntimeError(f"fold {k} produced no checkpoint: {result.error}")
     # A fold writes no report.html: no mistakes gathered, no Grad-CAM.

@@ -152,7 +152,9 @@ def _results_table(grid, cfg: TuneConfig):
     rows = []
     for result in grid:
         df = result.metrics_dataframe
-        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id"), "status": "ERROR" if result.error else "TERMINATED"}
+        row: dict[str, Any] = {"trial_id": (result.metrics or {}).get("trial_id") or _trial_id(result),
+                               "status": "ERROR" if result.error else "TERMINATED",
+                               "error": error_reason(result.error) if result.error else None}
         row.update({f"config.{k}": v for k, v in (result.config or {}).items() if k != "_setup"})
         if df is not None and cfg.metric in df:
             best = df.loc[df[cfg.metric].idxmin() if cfg.mode == "min" else df[cfg.metric].idxmax()]
@@ -170,6 +172,36 @@ def _results_table(grid, cfg: TuneConfig):
     return table.reset_index(drop=True)
 
 
+def _trial_id(result) -> str | None:
+    """A trial's id from its folder (`_trial_<id>_...`): a trial that failed before its first report has no metrics."""
+    path = getattr(result, "path", None) or ""
+    parts = os.path.basename(str(path).rstrip("/")).split("_")
+    return "_".join(parts[2:4]) if len(parts) >= 4 else None
+
+
+def error_reason(error: BaseException) -> str:
+    """Why a trial failed, in one line: a Train worker's InputStallError as it was worded, else the
+    last line of the error (Tune's errors carry the whole remote traceback before it)."""
+    from emotion_ray.train import input_stall
+
+    stall = input_stall(error)
+    if stall is not None:
+        return f"InputStallError: {stall}"
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def failures(table) -> dict[str, Any]:
+    """The summary's account of failed trials: how many, and how many failed for each reason
+    (its first 300 characters; the whole reason is in trials.csv's `error` column)."""
+    failed = table[table["status"] == "ERROR"] if "status" in table else table.iloc[0:0]
+    reasons: dict[str, int] = {}
+    for reason in failed.get("error", []):
+        key = str(reason)[:300]
+        reasons[key] = reasons.get(key, 0) + 1
+    return {"failed_trials": len(failed), "failure_reasons": reasons}
+
+
 def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run (or continue) the search described by `config_path`; returns the summary."""
     import ray.tune
@@ -178,7 +210,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     from emotion_ray import tracking
     from emotion_ray.evaluate import export_run
     from emotion_ray.runtime import init_ray
-    from emotion_ray.train import check_model_fits, resolve_dataset, run_storage
+    from emotion_ray.train import check_model_fits, resolve_dataset, run_storage, training_datasets
     from emotion_ray.trials import search_trial
 
     cfg = load_tune_config(config_path, overrides)
@@ -203,7 +235,10 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
              "source_tags": tracking.source_tags() if cfg.mlflow.enabled else None}
     param_space = {key: tune_domain(dist) for key, dist in cfg.space.items()}
     param_space["_setup"] = setup
-    with_weights = ray.tune.with_parameters(search_trial, backbone_weights=weights)
+    # Every trial samples train-config keys that leave the data as it is: one pair of datasets,
+    # built here before any trial holds CPUs (train.training_datasets), serves them all.
+    with_weights = ray.tune.with_parameters(search_trial, backbone_weights=weights,
+                                            datasets=training_datasets(probe, dataset_uri))
     # Tune names trials after the trainable and checks that name when an experiment continues:
     # experiments (and their trial folders) started before the trial moved to trials.py say `_trial`.
     with_weights.__name__ = TRAINABLE_NAME
@@ -237,9 +272,12 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
         table.to_csv(os.path.join(tmp, "trials.csv"), index=False)
         for name in ("trials.parquet", "trials.csv"):
             storage.upload_file(os.path.join(tmp, name), storage.join(out, name), cfg.storage)
+    failed = failures(table)
     ranked = table.dropna(subset=["checkpoint_path"]) if "checkpoint_path" in table else table.iloc[0:0]
     if ranked.empty:
-        raise StageError(f"no trial of {cfg.name} produced a checkpoint; see the trial errors above")
+        why = "; ".join(f"{n} x {reason}" for reason, n in failed["failure_reasons"].items())
+        raise StageError(f"no trial of {cfg.name} produced a checkpoint" + (f": {why}" if why else "")
+                         + "; see the log")
     best = ranked.iloc[0]
     sampled = {k[len("config."):]: _plain(v) for k, v in best.items() if k.startswith("config.")}
     best_cfg = cfg.train_config(sampled, run_name=None)
@@ -256,6 +294,7 @@ def run_tuning(config_path: str, overrides: dict[str, Any] | None = None) -> dic
     return {
         "experiment": out,
         "trials": len(table),
+        **failed,
         "best_trial": best["trial_id"],
         "best_config": sampled,
         f"best_{cfg.metric}": float(best["best_metric"]),

@@ -100,6 +100,19 @@ def prepared_demo(ray_session, demo_images, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_prepared(ray_session, tmp_path_factory) -> Path:
+    """36 demo faces (12 a class) prepared at 32 px: the smallest data a search or a 2-fold
+    cross-validation runs end to end on, for tests about how runs are scheduled, not what they learn."""
+    from emotion_ray.config import PrepareConfig
+    from emotion_ray.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_demo_dataset(root / "images", per_class=12, seed=2, canvas=48)
+    prepare(PrepareConfig(inputs=[str(root / "images")], output=str(root / "ds"), image_size=32))
+    return root / "ds"
+
+
 READERS = ("pandas", "polars", "polars *.parquet", "duckdb *", "duckdb *.parquet", "pyarrow.dataset")
 
 

@@ -49,19 +49,15 @@ def test_more_folds_than_a_class_has_groups_exits_2_before_any_cluster_work(tmp_
     assert not (tmp_path / "cv").exists()
 
 @pytest.mark.slow
-def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tmp_path):
+def test_k_fold_on_2_workers_gives_k_fold_results_and_mean_std(ray_session, tiny_prepared, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from emotion_ray.config import CrossValidationConfig, PrepareConfig
+    from emotion_ray.config import CrossValidationConfig
     from emotion_ray.crossval import run_cross_validation
-    from emotion_ray.demo import make_demo_dataset
-    from emotion_ray.prepare import prepare
 
-    make_demo_dataset(tmp_path / "images", per_class=12, seed=2, canvas=48)
-    prepare(PrepareConfig(inputs=[str(tmp_path / "images")], output=str(tmp_path / "ds"), image_size=32))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Two folds trained at once, one Train worker each: K-fold on 2 workers.
-    cfg = CrossValidationConfig(data=str(tmp_path / "ds"), output=str(tmp_path / "cv"), folds=2, inner_parts=3,
+    cfg = CrossValidationConfig(data=str(tiny_prepared), output=str(tmp_path / "cv"), folds=2, inner_parts=3,
                                 workers=1, max_concurrent_trials=2, epochs=1, batch_size=8, model={"dense_units": 16},
                                 mlflow={"tracking_uri": uri, "experiment": "cv_test"})
     started = time.perf_counter()

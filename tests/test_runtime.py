@@ -23,6 +23,39 @@ def test_workers_of_a_ray_started_here_inherit_the_worker_env(ray_session):
     assert not ray_session.get_runtime_context().runtime_env.get("env_vars")
 
 
+def test_workers_of_a_ray_started_here_find_its_state_api_beside_other_rays(ray_session):
+    """Ray Train's PlacementGroupCleaner asks the state API, from a worker, whether a run's controller
+    lives; with another Ray on the machine (here: a second one started beside the session's) it
+    found several and died, leaving the run's CPUs reserved (issue 30). Workers get this Ray's own
+    address; the driver's environment is left as it was."""
+    other = subprocess.Popen([sys.executable, "-c", "import ray, sys; ray.init(address='local', num_cpus=1, "
+                              "include_dashboard=False); print('up', flush=True); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @ray_session.remote(num_cpus=0)
+        def controller_seen_alive(actor_id: str) -> tuple[str | None, str]:
+            from ray.util.state import get_actor
+
+            return os.environ.get("RAY_API_SERVER_ADDRESS"), get_actor(actor_id, timeout=30).state
+
+        @ray_session.remote(num_cpus=0)
+        class Controller:
+            def ready(self) -> bool:
+                return True
+
+        controller = Controller.remote()
+        ray_session.get(controller.ready.remote())
+        address, state = ray_session.get(controller_seen_alive.remote(controller._actor_id.hex()))
+        webui = ray_session._private.worker.global_worker.node.address_info["webui_url"]
+        assert address == f"http://{webui}" and state == "ALIVE"
+        assert "RAY_API_SERVER_ADDRESS" not in os.environ
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
+
+
 @pytest.mark.fast
 def test_only_a_ray_started_here_skips_the_runtime_env(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

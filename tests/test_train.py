@@ -261,7 +261,9 @@ def test_killed_worker_is_replaced_and_training_continues_from_checkpoint(traine
     (2, 2, False, 1, 0.0, 0.5),     # this box: one CPU stays free for Ray Data's reads
     (3, 2, False, 2, 0.02, 0.49),   # two Tune trials of two workers, their drivers' 1 % each
     (2, 2, True, 1, 0.0, 1.0),      # GPU workers are placed by GPU
-    (1, 4, False, 1, 0.0, 1.0),     # an autoscaling head: workers bring their own CPUs
+    (0, 4, False, 1, 0.0, 1.0),     # an autoscaling head: workers bring their own CPUs
+    (1, 1, False, 1, 0.01, 0.99),   # a 1-CPU machine: a Tune trial's driver 0.01, its worker the rest
+    (1, 2, False, 1, 0.0, 0.5),     # ... or `train`'s two workers; reads ask no CPU (dataset.READ_TASK_CPUS)
 ])
 def test_worker_cpu_reservation(cluster_cpus, workers, use_gpu, groups, reserved, expected):
     from emotion_ray.train import worker_cpus
@@ -308,3 +310,38 @@ def test_init_from_must_match_the_dataset_image_size(trained, prepared_demo, tmp
     with pytest.raises(ConfigError, match="takes 48px images but the dataset is 32px"):
         run_training(train_config(tmp_path / "ds32", tmp_path / "runs", run_name="x",
                                   model={"init_from": str(parent_dir)}))
+
+
+def test_a_starved_input_stops_with_an_input_stall_error_naming_the_reservation(ray_session, tiny_prepared):
+    """Issue 30's deadlock in small: a placement group holds every CPU (as a trial's driver and its
+    workers did, with an earlier trial's group not yet removed) and the reads ask for a whole CPU,
+    Ray Data's default. The watchdog ends the wait with a StageError naming that group; reads that
+    ask no CPU (the default now) get their rows under the same reservation."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from emotion_ray.dataset import load_split, read_manifest
+    from emotion_ray.errors import InputStallError, StageError
+    from emotion_ray.train_worker import watched
+
+    # Built before the CPUs are taken, as drivers now build them (train.training_datasets): building
+    # runs Ray Data's Parquet sampling tasks, a whole CPU each.
+    starved = load_split(str(tiny_prepared), "train", read_cpus=1)
+    fed = load_split(str(tiny_prepared), "train")
+    cpus = ray.cluster_resources()["CPU"]
+    holder = placement_group([{"CPU": cpus}])
+    ray.get(holder.ready(), timeout=120)
+    try:
+        started = time.perf_counter()
+        with pytest.raises(InputStallError) as stall:
+            next(watched(iter(starved.iter_batches(batch_size=8)), 3, "the train split", read_cpus=1))
+        assert 3 <= time.perf_counter() - started < 60
+        assert isinstance(stall.value, StageError)  # the CLI's one-line error, exit 2
+        text = str(stall.value)
+        assert "no batch from the train split (Ray Data) in 3 s; its read tasks ask 1 CPU each" in text, text
+        assert f"placement groups hold {cpus:g}: {holder.id.hex()[:8]} {cpus:g}" in text, text
+
+        rows = sum(len(b["label_index"]) for b in watched(iter(fed.iter_batches(batch_size=8)), 60, "the train split"))
+        assert rows == read_manifest(str(tiny_prepared))["split_rows"]["train"]
+    finally:
+        remove_placement_group(holder)
