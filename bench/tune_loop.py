@@ -119,6 +119,20 @@ def main() -> None:
                          "per_round": rounds})
 
 
+def face_recipe_config(where: Path) -> Path:
+    """tune_configs/face_recipe_overnight.yaml with face_cnn only (the backbones' ImageNet weights
+    need a download), written beside the round: its search space's keys are dotted paths
+    (`model.architecture`), which `--set` would read as nested keys."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "tune_configs" / "face_recipe_overnight.yaml").read_text())
+    cfg["space"]["model.architecture"] = {"choice": ["face_cnn"]}
+    cfg["space"]["model.freeze_epochs"] = {"choice": [0]}
+    path = where / "face_recipe_overnight.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def loop(args, data: Path, out: Path, rounds: list[dict]) -> None:
     """Run the rounds, appending each one's result to `rounds` as it ends."""
     for i in range(args.rounds):
@@ -132,11 +146,10 @@ def loop(args, data: Path, out: Path, rounds: list[dict]) -> None:
         }
         if args.face_recipe:
             commands["face_recipe"] = (
-                ["tune", "--config", str(ROOT / "tune_configs" / "face_recipe_overnight.yaml"), "--set", f"data={data}",
+                ["tune", "--config", str(face_recipe_config(where)), "--set", f"data={data}",
                  "--set", f"output={where}", "--set", "trial.use_gpu=false", "--set", "num_samples=3",
                  "--set", "base.epochs=2", "--set", "base.batch_size=16", "--set", "scheduler.grace_period=1",
-                 "--set", "mlflow.enabled=false", "--set", "space.model.architecture={choice: [face_cnn]}",
-                 "--set", "space.model.freeze_epochs={choice: [0]}"],
+                 "--set", "mlflow.enabled=false"],
                 where / "face_recipe_overnight" / "trials.csv")
         result: dict = {"round": i}
         for name, (argv, trials_csv) in commands.items():
