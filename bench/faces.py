@@ -127,18 +127,21 @@ def scenes(n: int, seed: int = 7) -> tuple[list[dict], list[dict]]:
     return with_face, empty
 
 
+def smooth_background(side: int, seed: int = 1) -> np.ndarray:
+    """A side x side grey of smooth blotches: 12 x 12 random values upsampled bilinearly."""
+    rng = np.random.default_rng(seed)
+    blobs = Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8))
+    return np.asarray(blobs.resize((side, side), Image.BILINEAR)).copy()
+
+
 def smooth_scenes(n: int = 40) -> list[np.ndarray]:
-    """Empty scenes of smooth shapes, where a face-like blob is easy to see: 640 px greys of
-    12 x 12 random values upsampled bilinearly (tests/test_faces.py's background), and the two
+    """Empty scenes of smooth shapes, where a face-like blob is easy to see: 640 px
+    `smooth_background`s (tests/test_faces.py's background too), and the two
     sample photos Gaussian-blurred (kernel 15, 31, 61 px), as out-of-focus backgrounds are."""
     import cv2
     from sklearn.datasets import load_sample_image
 
-    blobs = []
-    for seed in range(n):
-        rng = np.random.default_rng(seed)
-        small = Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8))
-        blobs.append(np.repeat(np.asarray(small.resize((640, 640), Image.BILINEAR))[:, :, None], 3, axis=2))
+    blobs = [np.repeat(smooth_background(640, seed)[:, :, None], 3, axis=2) for seed in range(n)]
     blurred = [cv2.GaussianBlur(load_sample_image(name), (k, k), 0) for name in ("china.jpg", "flower.jpg")
                for k in (15, 31, 61)]
     return blobs + blurred

@@ -280,10 +280,8 @@ class BlazeFaceDetector(FaceDetector):
                  tiles: TileMode = DEFAULT_TILES, tile_min_side: int = _BLAZE_TILE_MIN_SIDE,
                  tile_min_score: float = _BLAZE_TILE_MIN_SCORE) -> None:
         super().__init__(max_side)
-        if tiles not in TILE_MODES:
-            raise ValueError(f"unknown tile mode {tiles!r}; choose one of {', '.join(TILE_MODES)}")
         self.min_score = float(min_score)
-        self.tiles = tiles
+        self.tiles = _checked_tiles(tiles)
         self.tile_min_side = int(tile_min_side)
         self.tile_min_score = float(tile_min_score)
         self._interpreter = _blazeface_interpreter()
@@ -506,32 +504,35 @@ def use_one_thread(name: str) -> None:
             pass
 
 
-@functools.lru_cache(maxsize=None)
 def get_detector(name: str = DEFAULT_DETECTOR, *, max_side: int = DEFAULT_MAX_SIDE,
                  tiles: TileMode = DEFAULT_TILES) -> FaceDetector:
     """The process's detector called `name` (one of DETECTORS), built on first use.
 
     Cached per (name, max_side, tiles): weights load once per process. `tiles` is BlazeFace's
-    tile pass (BlazeFaceDetector); the other detectors ignore it. Raises ValueError for an
-    unknown name or tile mode, ImportError when the detector's library is missing,
-    RuntimeError when its weights cannot be loaded. Thread counts: BlazeFace runs one thread;
-    OpenCV and TensorFlow use every core unless `use_one_thread` is called first.
+    tile pass (BlazeFaceDetector); the other detectors ignore it (one instance whatever it is).
+    Raises ValueError for an unknown name or tile mode, ImportError when the detector's library
+    is missing, RuntimeError when its weights cannot be loaded. Thread counts: BlazeFace runs one
+    thread; OpenCV and TensorFlow use every core unless `use_one_thread` is called first.
     """
-    if name == "blazeface":
-        return BlazeFaceDetector(max_side, tiles=tiles)
-    if tiles not in TILE_MODES:
-        raise ValueError(f"unknown tile mode {tiles!r}; choose one of {', '.join(TILE_MODES)}")
-    if name == "haar":
-        return _get_fixed(HaarDetector, max_side)
-    if name == "mtcnn":
-        return _get_fixed(MTCNNDetector, max_side)
-    raise ValueError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    _checked_tiles(tiles)
+    return _build_detector(name, max_side, tiles if name == "blazeface" else DEFAULT_TILES)
 
 
 @functools.lru_cache(maxsize=None)
-def _get_fixed(kind: type[FaceDetector], max_side: int) -> FaceDetector:
-    """One detector per (kind, max_side) whatever `tiles` get_detector was given."""
-    return kind(max_side)
+def _build_detector(name: str, max_side: int, tiles: TileMode) -> FaceDetector:
+    if name == "blazeface":
+        return BlazeFaceDetector(max_side, tiles=tiles)
+    if name == "haar":
+        return HaarDetector(max_side)
+    if name == "mtcnn":
+        return MTCNNDetector(max_side)
+    raise ValueError(f"unknown face detector {name!r}; choose one of {', '.join(DETECTORS)}")
+
+
+def _checked_tiles(tiles: str) -> TileMode:
+    if tiles not in TILE_MODES:
+        raise ValueError(f"unknown tile mode {tiles!r}; choose one of {', '.join(TILE_MODES)}")
+    return tiles
 
 
 def select_faces(faces: list[Face], mode: Mode = "largest", *, min_size: int = DEFAULT_MIN_FACE_SIZE,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.faces import photo_counts, rgb_of
+from bench.faces import photo_counts, rgb_of, smooth_background
 from emotion_ray.faces import (DETECTORS, BlazeFaceDetector, Face, FaceDetector, as_rgb, blazeface_anchors,
                                blazeface_decode, crop_box, crop_face, get_detector, select_faces, tile_windows,
                                weighted_nms)
@@ -25,12 +25,6 @@ needs_fer = pytest.mark.skipif(not FER_TEST.is_dir(), reason=f"FER2013 test face
 # obama_partial_face and adds one box in kit_with_rose; mtcnn finds every face plus two boxes;
 # blazeface finds every face and nothing else.
 PHOTO_TOLERANCE = {"blazeface": (0, 0, 1.0), "haar": (3, 1, 0.8), "mtcnn": (3, 1, 0.9)}
-
-
-def smooth_background(side: int, seed: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    blobs = Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8))
-    return np.asarray(blobs.resize((side, side), Image.BILINEAR)).copy()
 
 
 def paste_fer(scene: np.ndarray, name: str, box: tuple[int, int, int]) -> Face:
